@@ -181,6 +181,12 @@ class DeploymentRegistry:
         )
         return [_decode(row) for row in rows]
 
+    def products_by_id(self) -> dict[int, Product]:
+        """Every product (active or not) by id, for naming images in index metadata."""
+        rows = self._execute("SELECT product_id, product_code, product_name FROM products", fetch=True)
+        return {int(r["product_id"]): Product(int(r["product_id"]), str(r["product_code"]), r.get("product_name"))
+                for r in rows}
+
     def active_products(self) -> list[Product]:
         """Active rows of ``products`` (the service's product master)."""
         rows = self._execute(

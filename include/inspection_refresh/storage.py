@@ -55,7 +55,15 @@ _CHUNK = 1 << 20
 
 
 class StorageError(RuntimeError):
-    """An object-storage operation failed; the message names the bucket/key and a fix."""
+    """An object-storage operation failed; the message names the bucket/key and a fix.
+
+    ``transient`` says whether trying again later may succeed (network, throttling,
+    5xx) or the operator must act (missing bucket, wrong credentials, bad key).
+    """
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class UnsafeKeyError(StorageError):
@@ -244,7 +252,7 @@ class ObjectStorage:
             hint = f"{code or 'error'}: {exc}"
         else:
             hint = f"{type(exc).__name__}: {exc}"
-        return StorageError(f"{what} {where} failed: {hint}")
+        return StorageError(f"{what} {where} failed: {hint}", transient=_is_transient(exc))
 
     # -- the service's ObjectStorageManager operations -----------------------------
     def list_objects(self, prefix: str = "", *, include_folders: bool = False) -> Iterator[ObjectInfo]:

@@ -1,0 +1,128 @@
+"""CLIP similarity-index DAGs: ``clip_index_normal`` and ``clip_index_defect``, from one factory.
+
+Wiring, params and docs only; the work is in ``inspection_refresh.tasks.clip_index``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from inspection_refresh.airflow_support import (
+    DEFAULT_ARGS, START_DATE, fail_permanent_errors, run_identity,
+)
+from inspection_refresh.config import get_settings
+from inspection_refresh.tasks import clip_index as pipeline
+from inspection_refresh.tasks.common import NothingToDo
+
+from airflow.sdk import DAG, Asset, Param, get_current_context, task
+
+try:
+    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+except ImportError:  # older Task SDKs
+    from airflow.exceptions import AirflowFailException, AirflowSkipException
+
+DOC_MD = """
+### CLIP {index_type} image index
+
+Rebuilds the **{index_type}** similarity index of the defect-inspection service and deploys it.
+
+1. **download** — lists `{{{{ params.prefix }}}}` in NCP Object Storage (ListObjects V1), mirrors the images
+   (at most `INSPECTION_MAX_TRANSFERS` at once; unchanged files are not downloaded again) and opens the
+   `deployment_logs` row. Folder markers, empty and non-image objects are skipped and listed.
+2. **embed** — embeds every image exactly as the service embeds queries (open_clip, RGB, 224×224 squash,
+   CLIP mean/std, L2-normalised). Embeddings are cached by image content + model, so a rerun only embeds
+   new or changed images. Unreadable images are skipped and listed.
+3. **index_save** — writes `faiss_index.bin`, `index_data.pt`, `embeddings.pt`, `metadata.json` and
+   `manifest.json`, checks that every image finds itself first, and publishes the version atomically at
+   `INSPECTION_INDEX_ROOT/{index_type}/`. The last `INSPECTION_KEEP_VERSIONS` versions are kept; roll back
+   with `inspection-publish rollback --root $INSPECTION_INDEX_ROOT --name {index_type}`.
+4. **register** — closes the `deployment_logs` row (`clip_rebuild`) as completed or failed and emits the
+   asset event `clip_index_{index_type}`.
+
+A failed run never replaces the live index. Scheduled runs skip the rebuild when the images and the
+model are unchanged since the published index; set **full_rebuild** to ignore all caches.
+"""
+
+
+def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
+    """One CLIP index DAG; ``index_type`` is ``normal`` or ``defect``."""
+    settings = get_settings()
+    asset = Asset(name=f"clip_index_{index_type}", uri=f"file://{settings.index_root / index_type}",
+                  group="clip_index")
+
+    def current_run() -> pipeline.ClipRun:
+        context = get_current_context()
+        params = context["params"]
+        run_id, scheduled, deployed_by = run_identity(context)
+        return pipeline.ClipRun(
+            index_type=index_type, run_id=run_id, prefix=params["prefix"], model=params["model"],
+            pretrained=params["pretrained"], batch_size=int(params["batch_size"]), device=params["device"],
+            full_rebuild=bool(params["full_rebuild"]), skip_if_unchanged=bool(params["skip_if_unchanged"]),
+            scheduled=scheduled, deployed_by=deployed_by,
+        )
+
+    with DAG(
+        dag_id=f"clip_index_{index_type}",
+        description=f"Rebuild and deploy the CLIP {index_type}-image similarity index",
+        doc_md=DOC_MD.format(index_type=index_type),
+        schedule=settings.clip_schedule,
+        start_date=START_DATE,
+        catchup=False,
+        max_active_runs=1,
+        default_args=DEFAULT_ARGS,
+        tags=["clip", "faiss", "deployment", index_type],
+        params={
+            "prefix": Param(default_prefix, type="string", title="Storage prefix",
+                            description="Object-storage prefix holding the images to index."),
+            "model": Param(settings.clip_model, type="string", title="open_clip model",
+                           description="Must be the model the service embeds queries with."),
+            "pretrained": Param(settings.clip_pretrained, type="string", title="Pretrained weights",
+                                description="open_clip tag (e.g. openai) or a local checkpoint path."),
+            "batch_size": Param(32, type="integer", minimum=1, maximum=1024, title="Batch size"),
+            "device": Param("auto", type="string", enum=["auto", "cpu", "cuda"], title="Device",
+                            description="auto uses CUDA when the worker has a GPU."),
+            "full_rebuild": Param(False, type="boolean", title="Full rebuild",
+                                  description="Ignore the embedding cache and re-embed every image."),
+            "skip_if_unchanged": Param(False, type="boolean", title="Skip if unchanged",
+                                       description="Skip the rebuild when images and model are unchanged "
+                                                   "since the published index (scheduled runs always do)."),
+        },
+    ) as dag:
+
+        @task(execution_timeout=timedelta(minutes=30))
+        def download() -> dict:
+            with fail_permanent_errors():
+                try:
+                    return pipeline.download(current_run())
+                except NothingToDo as skip:
+                    raise AirflowSkipException(str(skip)) from None
+
+        @task(execution_timeout=timedelta(minutes=60), retries=1)
+        def embed() -> dict:
+            with fail_permanent_errors():
+                return pipeline.embed(current_run())
+
+        @task(execution_timeout=timedelta(minutes=20))
+        def index_save() -> dict:
+            with fail_permanent_errors():
+                return pipeline.index_save(current_run())
+
+        @task(trigger_rule="all_done", outlets=[asset], execution_timeout=timedelta(minutes=5))
+        def register() -> dict:
+            try:
+                outcome = pipeline.register(current_run())
+            except NothingToDo as skip:
+                raise AirflowSkipException(f"No deployment: {skip}") from None
+            if outcome["status"] != "completed":
+                raise AirflowFailException(outcome["message"])
+            get_current_context()["outlet_events"][asset].extra = {
+                k: outcome[k] for k in ("version", "num_images", "embedding_dim", "model", "pretrained", "index_path")
+            }
+            return outcome
+
+        download() >> embed() >> index_save() >> register()
+    return dag
+
+
+clip_index_normal = build_clip_index_dag("normal", "images/normal/")
+clip_index_defect = build_clip_index_dag("defect", "images/defect/")

@@ -1,0 +1,322 @@
+"""The CLIP index pipeline as plain functions: download -> embed -> index_save -> register.
+
+Each function is one Airflow task of ``clip_index_normal`` / ``clip_index_defect``
+and can be called without a scheduler. They hand each other small dicts (XCom);
+bulk data (image lists, vectors) stays in the run's work directory on disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from inspection_refresh.config import Settings, get_settings
+from inspection_refresh.images import parse_image_key, reject_reason
+from inspection_refresh.publish import Publisher, new_version_id
+from inspection_refresh.registry import DeploymentRegistry, RegistryError
+from inspection_refresh.storage import ObjectInfo, ObjectStorage, StorageError
+from inspection_refresh.tasks.common import (
+    NothingToDo, cap_list, read_json, remove_run_work_dir, run_work_dir, write_json,
+)
+from inspection_refresh.tasks.stages import first_failure, read_stages, record_stage
+
+log = logging.getLogger(__name__)
+
+DEPLOY_TYPE = "clip_rebuild"
+PIPELINE = "clip"
+STAGES = ["download", "embed", "index_save"]
+INDEX_TYPES = ("normal", "defect")
+
+
+@dataclass(frozen=True)
+class ClipRun:
+    """One run's identity and the operator's choices (the DAG params)."""
+
+    index_type: str
+    run_id: str
+    prefix: str
+    model: str = "ViT-B-32"
+    pretrained: str = "openai"
+    batch_size: int = 32
+    device: str = "auto"
+    full_rebuild: bool = False
+    skip_if_unchanged: bool = False
+    scheduled: bool = False
+    deployed_by: str | None = None
+    settings: Settings = field(default_factory=get_settings)
+
+    def __post_init__(self) -> None:
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(f"index_type must be one of {INDEX_TYPES}, not {self.index_type!r}")
+        if not self.prefix.endswith("/"):
+            object.__setattr__(self, "prefix", self.prefix + "/")
+
+    @property
+    def work_dir(self) -> Path:
+        return run_work_dir(self.settings.cache_root, PIPELINE, f"{self.index_type}-{self.run_id}")
+
+    @property
+    def mirror_dir(self) -> Path:
+        """Local mirror of the prefix; kept between runs so unchanged images are not downloaded again."""
+        return self.settings.cache_root / PIPELINE / self.index_type / "images"
+
+    @property
+    def publisher(self) -> Publisher:
+        return Publisher(self.settings.index_root, keep=self.settings.keep_versions)
+
+
+def source_fingerprint(prefix: str, objects: list[ObjectInfo]) -> str:
+    """Identifies the exact set of image objects (key, ETag, size) a build would read."""
+    digest = hashlib.sha256(prefix.encode())
+    for obj in sorted(objects, key=lambda o: o.key):
+        digest.update(f"\n{obj.key}\t{obj.etag}\t{obj.size}".encode())
+    return digest.hexdigest()
+
+
+def published_manifest(run: ClipRun) -> dict[str, Any] | None:
+    path = run.publisher.live_path(run.index_type) / "manifest.json"
+    try:
+        return read_json(path)
+    except (OSError, ValueError):
+        return None
+
+
+def download(run: ClipRun) -> dict[str, Any]:
+    """List the prefix, decide whether a rebuild is needed, open the deployment row, mirror the images."""
+    shutil.rmtree(run.work_dir, ignore_errors=True)  # a cleared-and-rerun run starts clean
+    run.work_dir.mkdir(parents=True, exist_ok=True)
+    with record_stage(run.work_dir, "download") as stage:
+        storage = ObjectStorage(run.settings.storage_conn_id, max_transfers=run.settings.max_transfers)
+        storage.check_access()
+        listing = list(storage.list_objects(run.prefix))
+        candidates = [obj for obj in listing if reject_reason(obj) is None]
+        fingerprint = source_fingerprint(run.prefix, candidates)
+        if (run.scheduled or run.skip_if_unchanged) and not run.full_rebuild:
+            _skip_if_unchanged(run, fingerprint)
+
+        DeploymentRegistry(run.settings.db_conn_id).start(
+            DEPLOY_TYPE, run.run_id, deployed_by=run.deployed_by,
+            details={"index_type": run.index_type, "source_prefix": run.prefix},
+        )
+        if not candidates:
+            raise StorageError(
+                f"no images under s3://{storage.bucket}/{run.prefix} ({len(listing)} other objects): "
+                "upload images there or choose another prefix; the published index is unchanged"
+            )
+        result = storage.sync_prefix(run.prefix, run.mirror_dir, accept=reject_reason, objects=listing)
+        if not result.files:
+            raise StorageError(f"none of the {len(candidates)} images under {run.prefix} could be downloaded: "
+                               f"{cap_list(result.failed, 3)}", transient=True)
+        inventory = [{"key": key, "path": str(path), "etag": result.etags[key]}
+                     for key, path in sorted(result.files.items())]
+        write_json(run.work_dir / "inventory.json", {"storage_urls": {
+            key: storage.storage_url(key) for key in result.files}, "images": inventory})
+        stage.facts = {
+            **result.summary(),
+            "bucket": storage.bucket,
+            "source_fingerprint": fingerprint,
+            "skipped": cap_list([list(s) for s in result.skipped + result.failed]),
+        }
+        log.info("Downloaded %d images under %s (%d new, %d unchanged, %d skipped, %d failed)",
+                 len(result.files), run.prefix, result.downloaded, result.unchanged,
+                 len(result.skipped), len(result.failed))
+        return {"images": len(inventory), "source_fingerprint": fingerprint,
+                "downloaded": result.downloaded, "unchanged": result.unchanged,
+                "skipped": len(result.skipped) + len(result.failed)}
+
+
+def _skip_if_unchanged(run: ClipRun, fingerprint: str) -> None:
+    from inspection_refresh.clip.weights import model_identity
+
+    manifest = published_manifest(run)
+    if not manifest:
+        return
+    same_images = manifest.get("source_fingerprint") == fingerprint
+    same_model = manifest.get("model_identity") == model_identity(run.model, run.pretrained)
+    if same_images and same_model:
+        raise NothingToDo(
+            f"images under {run.prefix} are unchanged since the published {run.index_type} index "
+            f"(version {run.publisher.current(run.index_type)}, {manifest.get('count')} images, same model): "
+            "skipping the rebuild. Trigger with full_rebuild=true to force one."
+        )
+
+
+def embed(run: ClipRun) -> dict[str, Any]:
+    """Embed the mirrored images as the service embeds queries; reuse cached embeddings."""
+    import numpy as np
+
+    from inspection_refresh.clip.embed import EmbeddingCache, embed_files, load_model
+    from inspection_refresh.clip.weights import is_random_checkpoint
+
+    with record_stage(run.work_dir, "embed") as stage:
+        inventory = read_json(run.work_dir / "inventory.json")["images"]
+        if is_random_checkpoint(run.pretrained):
+            log.warning("Embedding with RANDOM-INIT weights from %s: similarity scores are meaningless "
+                        "(offline demo/test checkpoint, not for the service)", run.pretrained)
+        model = load_model(run.model, run.pretrained, run.device)
+        cache = None if run.full_rebuild else EmbeddingCache(run.settings.cache_root / PIPELINE / "embeddings")
+        result = embed_files([Path(item["path"]) for item in inventory], model, batch_size=run.batch_size,
+                             cache=cache, progress_label=f"Embedding {run.index_type} images")
+        failures = [(inventory[index]["key"], reason) for index, reason in result.failures]
+        for key, reason in failures:
+            log.warning("Skipping unreadable image %s: %s", key, reason)
+        if len(result.ok_indices) == 0:
+            raise ValueError(f"none of the {len(inventory)} images under {run.prefix} could be read "
+                             f"(first: {cap_list(failures, 3)}); the published index is unchanged")
+        np.save(run.work_dir / "vectors.npy", result.vectors)
+        write_json(run.work_dir / "rows.json", [int(i) for i in result.ok_indices])
+        stage.facts = {
+            "images": len(result.ok_indices), "embedded": result.embedded, "cached": result.cached,
+            "unreadable": cap_list([list(f) for f in failures]), "embedding_dim": int(result.vectors.shape[1]),
+            "images_per_second": round(result.images_per_second, 2), "seconds": round(result.seconds, 2),
+            "model_identity": model.identity, "random_weights": is_random_checkpoint(run.pretrained),
+        }
+        log.info("Embedded %d images (%d computed, %d from cache, %d unreadable) in %.1fs",
+                 len(result.ok_indices), result.embedded, result.cached, len(failures), result.seconds)
+        return {key: stage.facts[key] for key in ("images", "embedded", "cached", "embedding_dim")} | {
+            "unreadable": len(failures)}
+
+
+def _product_lookup(run: ClipRun) -> dict[int, Any]:
+    try:
+        return DeploymentRegistry(run.settings.db_conn_id).products_by_id()
+    except RegistryError as exc:
+        log.warning("No product names in the metadata (products table unavailable: %s)", exc)
+        return {}
+
+
+def index_save(run: ClipRun) -> dict[str, Any]:
+    """Write every service format into a staging version, verify it, publish it atomically."""
+    import numpy as np
+
+    from inspection_refresh.clip.index import verify_index, write_index_files
+    from inspection_refresh.clip.weights import model_identity
+
+    with record_stage(run.work_dir, "index_save") as stage:
+        downloaded = read_json(run.work_dir / "stage-download.json")["facts"]
+        inventory_doc = read_json(run.work_dir / "inventory.json")
+        inventory = inventory_doc["images"]
+        rows = read_json(run.work_dir / "rows.json")
+        vectors = np.load(run.work_dir / "vectors.npy")
+        products = _product_lookup(run)
+
+        publisher = run.publisher
+        version = new_version_id()
+        staging = publisher.stage(run.index_type)
+        final_dir = staging.parent / version  # where the staging dir will live once published
+        try:
+            gallery_paths, metadata = [], []
+            for row, index in enumerate(rows):
+                item = inventory[index]
+                relative = Path(item["path"]).relative_to(run.mirror_dir)
+                _link_or_copy(Path(item["path"]), staging / "images" / relative)
+                gallery_paths.append(str(final_dir / "images" / relative))
+                metadata.append(_metadata_record(row, item["key"], gallery_paths[-1],
+                                                 inventory_doc["storage_urls"][item["key"]], products))
+            manifest = write_index_files(
+                staging, vectors, gallery_paths, metadata,
+                index_type=run.index_type, model_id=run.model, pretrained=run.pretrained,
+                manifest_extra={
+                    "version": version,
+                    "model_identity": model_identity(run.model, run.pretrained),
+                    "source_bucket": downloaded["bucket"],
+                    "source_prefix": run.prefix,
+                    "source_fingerprint": downloaded["source_fingerprint"],
+                    "run_id": run.run_id,
+                    "created_at": datetime.now(timezone.utc).isoformat(),
+                },
+            )
+            verified = verify_index(staging)
+            release = publisher.publish(run.index_type, staging, version)
+        except BaseException:
+            publisher.discard(staging)
+            raise
+        stage.facts = {"version": release.version, "path": str(publisher.live_path(run.index_type)),
+                       "count": manifest["count"], "dim": manifest["dim"], "verified": bool(verified)}
+        log.info("Published %s index version %s: %d images, dim %d, at %s", run.index_type, release.version,
+                 manifest["count"], manifest["dim"], publisher.live_path(run.index_type))
+        return dict(stage.facts)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _metadata_record(row: int, key: str, local_path: str, storage_url: str, products: dict[int, Any]) -> dict:
+    parsed = parse_image_key(key)
+    product = products.get(parsed.product_id) if parsed.product_id is not None else None
+    return {
+        "image_id": row,
+        "local_path": local_path,
+        "storage_url": storage_url,
+        "product_id": parsed.product_id,
+        "product_code": product.product_code if product else parsed.product_code,
+        "product_name": product.product_name if product else None,
+        "defect_type_id": parsed.defect_type_id,
+        "defect_code": parsed.defect_code,
+        "defect_name": None,  # the defect-type master is not part of the contract's tables
+        "image_type": parsed.image_type,
+        "file_name": parsed.file_name,
+    }
+
+
+def register(run: ClipRun) -> dict[str, Any]:
+    """Close the run's ``deployment_logs`` row as completed or failed; return the outcome.
+
+    Raises :class:`NothingToDo` when the run skipped the rebuild (no row is written).
+    """
+    records = read_stages(run.work_dir, STAGES)
+    if records["download"]["status"] == "skipped":
+        raise NothingToDo(records["download"]["message"])
+    failure = first_failure(records)
+    downloaded, embedded, saved = (records[s]["facts"] for s in STAGES)
+    result_data = {
+        "index_type": run.index_type,
+        "source_prefix": run.prefix,
+        "model": run.model,
+        "pretrained": run.pretrained,
+        "random_weights": embedded.get("random_weights", False),
+        "num_images": saved.get("count", embedded.get("images")),
+        "embedding_dim": embedded.get("embedding_dim"),
+        "embedded": embedded.get("embedded"),
+        "cached": embedded.get("cached"),
+        "downloaded": downloaded.get("downloaded"),
+        "mb_downloaded": downloaded.get("mb_downloaded"),
+        "skipped_objects": downloaded.get("skipped", []),
+        "unreadable_images": embedded.get("unreadable", []),
+        "version": saved.get("version"),
+        "index_path": saved.get("path"),
+        "processing_time": round(sum(r.get("seconds", 0) for r in records.values()), 2),
+        "stages": {s: r["status"] for s, r in records.items()},
+    }
+    if failure:
+        stage, message = failure
+        status = "failed"
+        live = run.publisher.current(run.index_type)
+        text = (f"{run.index_type} index rebuild failed at {stage}: {message}. "
+                f"The live index is unchanged ({'version ' + live if live else 'none published yet'}).")
+    else:
+        status = "completed"
+        skipped = len(downloaded.get("skipped", [])) + len(embedded.get("unreadable", []))
+        text = (f"{run.index_type} index version {saved['version']} published: {saved['count']} images "
+                f"({embedded.get('embedded')} embedded, {embedded.get('cached')} cached"
+                f"{f', {skipped} objects skipped' if skipped else ''}), dim {saved['dim']}"
+                f"{' — RANDOM weights (demo/test only)' if embedded.get('random_weights') else ''}")
+    deploy_id = DeploymentRegistry(run.settings.db_conn_id).finish(
+        DEPLOY_TYPE, run.run_id, status=status, message=text, result_data=result_data,
+        deployed_by=run.deployed_by,
+    )
+    if status == "completed":
+        remove_run_work_dir(run.settings.cache_root, PIPELINE, f"{run.index_type}-{run.run_id}")
+    return {"deploy_id": deploy_id, "status": status, "message": text, **{
+        k: result_data[k] for k in ("num_images", "embedding_dim", "version", "index_path", "model", "pretrained")}}

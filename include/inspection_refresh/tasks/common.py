@@ -1,0 +1,48 @@
+"""Pieces every DAG's task functions share: run work directories and small JSON files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+
+class NothingToDo(Exception):
+    """The run has nothing to deploy (e.g. a scheduled run with unchanged images); the DAG skips."""
+
+
+def safe_run_id(run_id: str) -> str:
+    """Airflow run ids contain ``:`` and ``+``; make one usable as a directory name."""
+    return re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:120]
+
+
+def run_work_dir(cache_root: Path, pipeline: str, run_id: str) -> Path:
+    """A per-run scratch directory for files passed between tasks (XCom carries only their paths)."""
+    path = Path(cache_root) / pipeline / "runs" / safe_run_id(run_id)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def remove_run_work_dir(cache_root: Path, pipeline: str, run_id: str) -> None:
+    shutil.rmtree(Path(cache_root) / pipeline / "runs" / safe_run_id(run_id), ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    """Write JSON atomically (tmp + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def cap_list(items: list, limit: int = 50) -> list:
+    """Keep XCom and result_data small: the first ``limit`` items and a count of the rest."""
+    return items if len(items) <= limit else [*items[:limit], f"... and {len(items) - limit} more"]
