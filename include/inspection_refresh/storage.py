@@ -255,11 +255,18 @@ class ObjectStorage:
         return StorageError(f"{what} {where} failed: {hint}", transient=_is_transient(exc))
 
     # -- the service's ObjectStorageManager operations -----------------------------
-    def list_objects(self, prefix: str = "", *, include_folders: bool = False) -> Iterator[ObjectInfo]:
-        """Yield objects under ``prefix`` using ListObjects V1 (marker paging), as NCP requires."""
+    def list_objects(
+        self, prefix: str = "", *, include_folders: bool = False, page_size: int | None = None
+    ) -> Iterator[ObjectInfo]:
+        """Yield objects under ``prefix`` using ListObjects V1 (marker paging), as NCP requires.
+
+        :param include_folders: also yield zero-byte ``.../`` folder markers.
+        :param page_size: keys per LIST request (server default: 1000).
+        """
         paginator = self.client.get_paginator("list_objects")
+        paging = {"PageSize": page_size} if page_size else {}
         try:
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, PaginationConfig=paging):
                 for item in page.get("Contents", []):
                     info = ObjectInfo(key=item["Key"], size=int(item["Size"]), etag=item["ETag"].strip('"'))
                     if include_folders or not info.is_folder_marker:
