@@ -1,0 +1,301 @@
+"""The PatchCore pipeline as plain functions, one per Airflow task of ``patchcore_memory_bank``.
+
+``list_products`` -> per product: ``prepare_product`` (download) -> build (``build_patchcore.sh``
+via BashOperator) -> ``publish_product`` (validate + atomic publish) -> ``register``.
+
+Every product has its own stage records, so one product's failure never stops
+the others from publishing, and the history row names what failed and why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from inspection_refresh.airflow_support import PermanentError
+from inspection_refresh.config import Settings, get_settings
+from inspection_refresh.images import DEFECT_PREFIX, NORMAL_PREFIX, reject_reason
+from inspection_refresh.publish import Publisher, check_name
+from inspection_refresh.registry import DeploymentRegistry, Product, RegistryError
+from inspection_refresh.storage import ObjectStorage, copy_tree_linked
+from inspection_refresh.tasks.common import cap_list, read_json, run_work_dir, write_json
+from inspection_refresh.tasks.stages import record_stage
+
+log = logging.getLogger(__name__)
+
+DEPLOY_TYPE = "patchcore_create"
+PIPELINE = "patchcore"
+BUNDLED_SCRIPT = Path(__file__).resolve().parents[1] / "build_patchcore.sh"
+SUMMARY_MARK = "PATCHCORE_SUMMARY "
+LAYERS = ("layer2", "layer3", "layer4")
+
+
+@dataclass(frozen=True)
+class PatchcoreRun:
+    """One run's identity and the operator's choices (the DAG params)."""
+
+    run_id: str
+    products: tuple[str, ...] = ()
+    coreset: float = 0.1
+    shorter: int = 512
+    stride: int = 2
+    layers: tuple[str, ...] = ("layer2", "layer3")
+    script: str = ""
+    weights: str = "imagenet"
+    device: str = "auto"
+    scheduled: bool = False
+    deployed_by: str | None = None
+    settings: Settings = field(default_factory=get_settings)
+
+    def __post_init__(self) -> None:
+        unknown = [layer for layer in self.layers if layer not in LAYERS]
+        if unknown or not self.layers:
+            raise PermanentError(f"layers must be a non-empty subset of {LAYERS}, got {list(self.layers)}")
+        if not (0 < self.coreset) or self.shorter < 32 or self.stride < 1:
+            raise PermanentError("coreset must be > 0, shorter >= 32 and stride >= 1")
+
+    @property
+    def work_dir(self) -> Path:
+        return run_work_dir(self.settings.cache_root, PIPELINE, self.run_id)
+
+    def product_dir(self, code: str) -> Path:
+        path = self.work_dir / check_name(code)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def publisher(self) -> Publisher:
+        return Publisher(self.settings.patchcore_root, keep=self.settings.keep_versions)
+
+    @property
+    def script_path(self) -> Path:
+        script = Path(self.script or self.settings.patchcore_script or BUNDLED_SCRIPT)
+        if not script.is_file():
+            raise PermanentError(f"build script {script} does not exist; leave the 'script' param empty to use "
+                                 f"the bundled {BUNDLED_SCRIPT.name}")
+        return script
+
+    def expected_config(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "shorter": self.shorter, "stride": self.stride}
+
+
+def _db_configured(conn_id: str) -> bool:
+    try:
+        from airflow.sdk import BaseHook
+
+        BaseHook.get_connection(conn_id)
+        return True
+    except Exception:
+        return False
+
+
+def _products_from_storage(storage: ObjectStorage) -> list[Product]:
+    """No product master: one product per ``images/normal/{product_id}/`` folder.
+
+    The code is the file names' common ``{product_code}_`` prefix when they share
+    one, else ``product_{id}``.
+    """
+    names: dict[int, Counter] = {}
+    for obj in storage.list_objects(NORMAL_PREFIX):
+        parts = obj.key[len(NORMAL_PREFIX):].split("/")
+        if len(parts) == 2 and parts[0].isdigit() and reject_reason(obj) is None:
+            names.setdefault(int(parts[0]), Counter())[parts[1].split("_")[0]] += 1
+    products = []
+    for product_id, counts in sorted(names.items()):
+        code, count = counts.most_common(1)[0]
+        usable = count == sum(counts.values()) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9.-]*", code)
+        products.append(Product(product_id, code if usable else f"product_{product_id}"))
+    return products
+
+
+def list_products(run: PatchcoreRun) -> list[dict[str, Any]]:
+    """Products to build: active rows of ``products`` (or storage folders), narrowed by the param."""
+    shutil.rmtree(run.work_dir, ignore_errors=True)  # a cleared-and-rerun run starts clean
+    run.work_dir.mkdir(parents=True, exist_ok=True)
+    with record_stage(run.work_dir, "list_products"):
+        return _list_products(run)
+
+
+def _list_products(run: PatchcoreRun) -> list[dict[str, Any]]:
+    registry = DeploymentRegistry(run.settings.db_conn_id)
+    use_db = _db_configured(run.settings.db_conn_id)
+    products: list[Product] | None = None
+    source = "products table"
+    if use_db:
+        registry.start(DEPLOY_TYPE, run.run_id, deployed_by=run.deployed_by,
+                       details={"products_requested": list(run.products) or "all"})
+        try:
+            products = registry.active_products()
+        except RegistryError as exc:
+            if "doesn't exist" not in str(exc):
+                raise
+            log.warning("No products table in %r; taking products from the storage folders", run.settings.db_conn_id)
+    if products is None:
+        source = "storage folders"
+        products = _products_from_storage(ObjectStorage(run.settings.storage_conn_id))
+    if run.products:
+        wanted = set(run.products)
+        unknown = wanted - {p.product_code for p in products} - {str(p.product_id) for p in products}
+        if unknown:
+            raise PermanentError(f"unknown or inactive products requested: {sorted(unknown)}; "
+                                 f"known: {[p.product_code for p in products]}")
+        products = [p for p in products if p.product_code in wanted or str(p.product_id) in wanted]
+    if not products:
+        raise PermanentError(f"no products to build (from the {source}); add products or upload normal images "
+                             f"under {NORMAL_PREFIX}{{product_id}}/")
+    chosen = [{"product_id": p.product_id, "product_code": check_name(p.product_code),
+               "product_name": p.product_name} for p in products]
+    write_json(run.work_dir / "products.json", {"source": source, "products": chosen, "history": use_db})
+    log.info("Building %d PatchCore banks (products from the %s): %s", len(chosen), source,
+             ", ".join(p["product_code"] for p in chosen))
+    return chosen
+
+
+def prepare_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, str]:
+    """Mirror the product's normal (and labelled defect) images; return the build script's environment."""
+    code, product_id = product["product_code"], product["product_id"]
+    with record_stage(run.product_dir(code), "download") as stage:
+        storage = ObjectStorage(run.settings.storage_conn_id, max_transfers=run.settings.max_transfers)
+        cache = run.settings.cache_root / PIPELINE / code
+        prefix = f"{NORMAL_PREFIX}{product_id}/"
+        normal = storage.sync_prefix(prefix, cache / "ok", accept=reject_reason)
+        if not normal.files:
+            raise PermanentError(f"product {code}: no normal images under s3://{storage.bucket}/{prefix} "
+                                 f"({len(normal.skipped)} other objects); upload some before building its bank")
+        # Labelled defects (images/defect/{product_id}_{defect_type_id}/) only score the held-out AUROC.
+        defect_objects = [o for o in storage.list_objects(DEFECT_PREFIX)
+                          if o.key[len(DEFECT_PREFIX):].startswith(f"{product_id}_")]
+        defects = storage.sync_prefix(DEFECT_PREFIX, cache / "defects", accept=reject_reason,
+                                      objects=defect_objects)
+        defect_dirs = sorted({str(path.parent) for path in defects.files.values()})
+        staging = run.publisher.stage(code)
+        stage.facts = {"images": len(normal.files), "defect_images": len(defects.files),
+                       "skipped": cap_list([list(s) for s in normal.skipped + normal.failed]),
+                       "staging": str(staging)}
+        log.info("Product %s: %d normal images (%d downloaded, %d unchanged), %d labelled defect images",
+                 code, len(normal.files), normal.downloaded, normal.unchanged, len(defects.files))
+        return {
+            "PRODUCT_CODE": code,
+            "OK_DIR": str(cache / "ok"),
+            "OUT_DIR": str(staging),
+            "DEFECT_DIRS": ":".join(defect_dirs),
+            "PATCHCORE_SHORTER": str(run.shorter),
+            "PATCHCORE_STRIDE": str(run.stride),
+            "PATCHCORE_LAYERS": ",".join(run.layers),
+            "PATCHCORE_CORESET": str(run.coreset),
+            "PATCHCORE_WEIGHTS": run.weights,
+            "PATCHCORE_DEVICE": run.device,
+            "PATCHCORE_SCRIPT": str(run.script_path),
+            "PATCHCORE_LOG": str(run.product_dir(code) / "build.log"),
+            "PYTHON": sys.executable,
+        }
+
+
+def parse_build_summary(text: str | None) -> dict[str, Any] | None:
+    """The builder's last ``PATCHCORE_SUMMARY {json}`` line, if any."""
+    for line in reversed((text or "").splitlines()):
+        if line.startswith(SUMMARY_MARK):
+            try:
+                return json.loads(line[len(SUMMARY_MARK):])
+            except ValueError:
+                return None
+    return None
+
+
+def publish_product(run: PatchcoreRun, product: dict[str, Any], build_output: str | None) -> dict[str, Any]:
+    """Validate the staged bank against what was asked, add ``ok/``, publish it atomically."""
+    from inspection_refresh.patchcore.validate import validate_bank
+
+    code = product["product_code"]
+    with record_stage(run.product_dir(code), "publish") as stage:
+        staging = Path(read_json(run.product_dir(code) / "stage-download.json")["facts"]["staging"])
+        try:
+            facts = validate_bank(staging, run.expected_config())
+            copy_tree_linked(run.settings.cache_root / PIPELINE / code / "ok", staging / "ok")
+            release = run.publisher.publish(code, staging)
+        except BaseException:
+            run.publisher.discard(staging)
+            raise
+        summary = parse_build_summary(build_output) or {}
+        stage.facts = {**summary, **facts, "version": release.version, "path": str(run.publisher.live_path(code))}
+        log.info("Product %s: bank version %s published at %s", code, release.version, stage.facts["path"])
+        return stage.facts
+
+
+def _product_outcome(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any]:
+    directory = run.product_dir(product["product_code"])
+    records = {}
+    for stage in ("download", "publish"):
+        path = directory / f"stage-{stage}.json"
+        records[stage] = read_json(path) if path.exists() else None
+    build_log = directory / "build.log"
+    log_text = build_log.read_text(errors="replace") if build_log.exists() else ""
+    summary = parse_build_summary(log_text) or {}
+    outcome: dict[str, Any] = {"product_id": product["product_id"]}
+    if records["publish"] and records["publish"]["status"] == "ok":
+        facts = records["publish"]["facts"]
+        outcome.update(status="published", **{k: facts.get(k) for k in (
+            "num_images", "bank_size", "feature_dim", "tau", "seconds", "auroc", "version", "path")})
+        return outcome
+    if not records["download"] or records["download"]["status"] != "ok":
+        reason = records["download"]["message"] if records["download"] else "download did not run"
+        return {**outcome, "status": "failed", "stage": "download", "error": reason}
+    if records["publish"]:
+        return {**outcome, "status": "failed", "stage": "validate/publish", "error": records["publish"]["message"]}
+    if summary.get("status") == "ok" or not log_text:
+        error = "the build task did not finish (see its log)"
+    else:
+        error = summary.get("error") or _last_error_line(log_text)
+    return {**outcome, "status": "failed", "stage": "build", "error": error}
+
+
+def _last_error_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "error" in line.lower():
+            return line[-500:]
+    return lines[-1][-500:] if lines else "the build script failed without output"
+
+
+def register(run: PatchcoreRun) -> dict[str, Any]:
+    """Write the run's one ``patchcore_create`` row with per-product results; return the outcome."""
+    listed_path = run.work_dir / "products.json"
+    listed = read_json(listed_path) if listed_path.exists() else {"products": [], "history": True}
+    results = {p["product_code"]: _product_outcome(run, p) for p in listed["products"]}
+    failed = {code: r for code, r in results.items() if r["status"] != "published"}
+    published = [code for code in results if code not in failed]
+    if not results:
+        stage_path = run.work_dir / "stage-list_products.json"
+        reason = read_json(stage_path)["message"] if stage_path.exists() else "see the list_products task log"
+        status, text = "failed", f"no products were built: {reason}"
+    elif failed:
+        status = "failed"
+        text = (f"{len(failed)} of {len(results)} products failed: "
+                + "; ".join(f"{code} at {r['stage']}: {r['error']}" for code, r in failed.items())
+                + (f". Published: {', '.join(published)}." if published else ". Nothing was published.")
+                + " Failed products keep their previous bank.")
+    else:
+        status = "completed"
+        text = f"{len(results)} PatchCore banks published: " + ", ".join(
+            f"{code} ({r['bank_size']}x{r['feature_dim']})" for code, r in results.items())
+    if run.weights == "random":
+        text += " — RANDOM backbone weights (demo/test only)"
+    result_data = {"products": results, "settings": {
+        "coreset": run.coreset, "shorter": run.shorter, "stride": run.stride, "layers": list(run.layers),
+        "weights": run.weights, "script": str(run.script or BUNDLED_SCRIPT)}}
+    deploy_id = None
+    if listed.get("history", True):
+        deploy_id = DeploymentRegistry(run.settings.db_conn_id).finish(
+            DEPLOY_TYPE, run.run_id, status=status, message=text, result_data=result_data,
+            deployed_by=run.deployed_by)
+    else:
+        log.warning("No deployment_logs row: connection %r is not configured", run.settings.db_conn_id)
+    log.info("PatchCore run %s: %s", status, text)
+    return {"deploy_id": deploy_id, "status": status, "message": text, "products": results}
