@@ -103,7 +103,7 @@ def sample_objects(products: list[DemoProduct], normal_per_product: int, defects
     yield "images/defect/3_2/corrupt_HOL_9999.jpg", lambda: b"\xff\xd8\xff\xe0 truncated jpeg" + os.urandom(512)
 
 
-def seed_storage(products: list[DemoProduct] = PRODUCTS, normal_per_product: int = 60, defects_per_type: int = 5,
+def seed_storage(products: list[DemoProduct] = PRODUCTS, normal_per_product: int = 90, defects_per_type: int = 5,
                  size: tuple[int, int] = IMAGE_SIZE) -> dict[str, int]:
     """Create the bucket and upload the sample objects that are not there yet."""
     from inspection_refresh.storage import ObjectStorage
@@ -179,7 +179,7 @@ def report() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Seed or report on the embedded demo.")
     parser.add_argument("action", choices=["seed", "report"])
-    parser.add_argument("--normal-per-product", type=int, default=60)
+    parser.add_argument("--normal-per-product", type=int, default=90)
     parser.add_argument("--defects-per-type", type=int, default=5)
     args = parser.parse_args(argv)
     settings = get_settings()

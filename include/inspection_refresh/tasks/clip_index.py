@@ -164,8 +164,6 @@ def embed(run: ClipRun) -> dict[str, Any]:
         result = embed_files([Path(item["path"]) for item in inventory], model, batch_size=run.batch_size,
                              cache=cache, progress_label=f"Embedding {run.index_type} images")
         failures = [(inventory[index]["key"], reason) for index, reason in result.failures]
-        for key, reason in failures:
-            log.warning("Skipping unreadable image %s: %s", key, reason)
         if len(result.ok_indices) == 0:
             raise ValueError(f"none of the {len(inventory)} images under {run.prefix} could be read "
                              f"(first: {cap_list(failures, 3)}); the published index is unchanged")

@@ -1,0 +1,230 @@
+"""clip_index_normal / clip_index_defect end to end through ``dag.test()``.
+
+Real parts: the NCP-like S3 server over HTTP, MariaDB through the Airflow MySQL
+connection, a migrated Airflow metadata DB, open_clip and FAISS. The CLIP
+weights are a random-init checkpoint (pretrained weights cannot be downloaded
+here); the checks are about the pipeline and the formats, not about similarity.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.integration.dag_runner import asset_events, run_dag
+
+pytestmark = pytest.mark.slow
+
+SIZE = (320, 240)
+
+
+def jpeg(product_index: int, seed: int, defect: str | None = None) -> bytes:
+    from inspection_refresh.demo.samples import render_defect, render_normal
+
+    image = render_defect(product_index, seed, defect, size=SIZE) if defect else render_normal(
+        product_index, seed, size=SIZE)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def env(s3_server, mysql_database, airflow_db, clip_checkpoint, sql, tmp_path, monkeypatch):
+    """A fresh bucket, index root and cache for one test; products 1 and 2 in the products table."""
+    from inspection_refresh.registry import CREATE_PRODUCTS
+    from inspection_refresh.storage import ObjectStorage
+
+    bucket = f"clip-{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("INSPECTION_BUCKET", bucket)
+    monkeypatch.setenv("INSPECTION_INDEX_ROOT", str(tmp_path / "clip_index"))
+    monkeypatch.setenv("INSPECTION_CACHE_ROOT", str(tmp_path / "cache"))
+    monkeypatch.setenv("INSPECTION_CLIP_PRETRAINED", str(clip_checkpoint))
+    storage = ObjectStorage(bucket=bucket)
+    storage.client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "kr-standard"})
+    sql(CREATE_PRODUCTS)
+    sql("INSERT IGNORE INTO products (product_id, product_code, product_name) VALUES "
+        "(1, 'BRKT01', 'Bracket'), (2, 'FABR02', 'Fabric')")
+
+    def put(key: str, body: bytes) -> None:
+        storage.client.put_object(Bucket=bucket, Key=key, Body=body)
+
+    return {"storage": storage, "put": put, "root": tmp_path / "clip_index", "sql": sql}
+
+
+def seed_normal(put, per_product: int = 4) -> list[str]:
+    keys = []
+    for product_id, code in ((1, "BRKT01"), (2, "FABR02")):
+        put(f"images/normal/{product_id}/", b"")  # folder marker, as the upload pages make
+        for seq in range(per_product):
+            key = f"images/normal/{product_id}/{code}_OK_{seq:03d}.jpg"
+            put(key, jpeg(product_id - 1, seq))
+            keys.append(key)
+    return keys
+
+
+def deployment_row(sql, run_id: str) -> dict:
+    rows = sql("SELECT * FROM deployment_logs WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s", (run_id,))
+    assert len(rows) == 1, f"expected exactly one deployment_logs row for {run_id}, got {len(rows)}"
+    row = rows[0]
+    row["result_data"] = json.loads(row["result_data"])
+    return row
+
+
+def live_version(root: Path, index_type: str) -> str | None:
+    link = root / index_type
+    return Path(link.readlink()).name if link.is_symlink() else None
+
+
+def test_normal_index_end_to_end_loads_like_the_service(env):
+    import faiss
+    import torch
+
+    from inspection_refresh.clip.embed import embed_image, load_model
+
+    keys = seed_normal(env["put"])
+    env["put"]("images/normal/1/notes.txt", b"not an image")
+    env["put"]("images/normal/2/empty.jpg", b"")
+    env["put"]("images/normal/2/corrupt.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")
+
+    result = run_dag("clip_index_normal")
+    assert result.state == "success", result.task_states
+    live = env["root"] / "normal"
+    assert {p.name for p in live.iterdir()} >= {"faiss_index.bin", "index_data.pt", "embeddings.pt",
+                                                 "metadata.json", "manifest.json"}
+
+    # Load the way the service does and search with the service's query embedding.
+    index = faiss.read_index(str(live / "faiss_index.bin"))
+    data = torch.load(live / "index_data.pt", weights_only=False)
+    metadata = json.loads((live / "metadata.json").read_text())
+    assert index.ntotal == len(data["gallery_paths"]) == metadata["num_images"] == len(keys)
+    assert metadata["metadata"][0]["product_code"] == "BRKT01" and metadata["metadata"][0]["product_name"] == "Bracket"
+    manifest = json.loads((live / "manifest.json").read_text())
+    model = load_model(manifest["model"], manifest["pretrained"], "cpu")
+    for row in (0, len(keys) - 1):
+        gallery_path = data["gallery_paths"][row]
+        assert Path(gallery_path).is_file()
+        query = embed_image(gallery_path, model).reshape(1, -1)
+        _, ids = index.search(query, 1)
+        assert data["gallery_paths"][ids[0][0]] == gallery_path
+
+    row = deployment_row(env["sql"], result.run_id)
+    assert row["deploy_type"] == "clip_rebuild" and row["status"] == "completed"
+    assert row["completed_at"] is not None
+    facts = row["result_data"]
+    assert facts["num_images"] == len(keys) and facts["embedding_dim"] == 512 and facts["random_weights"] is True
+    assert "RANDOM weights" in row["result_message"]
+    skipped = {key for key, _ in facts["skipped_objects"]}
+    assert skipped == {"images/normal/1/notes.txt", "images/normal/2/empty.jpg"}
+    assert [key for key, _ in facts["unreadable_images"]] == ["images/normal/2/corrupt.jpg"]
+
+    events = asset_events("clip_index_normal")
+    assert events and events[-1]["num_images"] == len(keys) and events[-1]["version"] == live_version(
+        env["root"], "normal")
+
+
+def test_rerun_after_adding_one_image_embeds_exactly_one(env):
+    keys = seed_normal(env["put"], per_product=3)
+    first = run_dag("clip_index_normal")
+    assert first.state == "success"
+    env["put"]("images/normal/2/FABR02_OK_999.jpg", jpeg(1, 999))
+    second = run_dag("clip_index_normal")
+    assert second.state == "success"
+    facts = deployment_row(env["sql"], second.run_id)["result_data"]
+    assert (facts["embedded"], facts["cached"], facts["num_images"]) == (1, len(keys), len(keys) + 1)
+    assert facts["downloaded"] == 1
+
+
+def test_defect_index_records_defect_metadata(env):
+    for seq, defect in enumerate(("scratch", "hole", "stain")):
+        env["put"](f"images/defect/1_{seq + 1}/BRKT01_D{seq + 1}_{seq:03d}.jpg", jpeg(0, 50 + seq, defect))
+    result = run_dag("clip_index_defect")
+    assert result.state == "success", result.task_states
+    records = json.loads((env["root"] / "defect" / "metadata.json").read_text())["metadata"]
+    assert [(r["product_id"], r["defect_type_id"], r["defect_code"], r["image_type"]) for r in records] == [
+        (1, 1, "D1", "defect"), (1, 2, "D2", "defect"), (1, 3, "D3", "defect")]
+    assert records[0]["storage_url"].endswith(f"/images/defect/1_1/BRKT01_D1_000.jpg")
+
+
+def test_unchanged_images_skip_the_rebuild_visibly(env):
+    seed_normal(env["put"], per_product=2)
+    assert run_dag("clip_index_normal").state == "success"
+    version = live_version(env["root"], "normal")
+    rows_before = env["sql"]("SELECT COUNT(*) AS n FROM deployment_logs")[0]["n"]
+    skipped = run_dag("clip_index_normal", {"skip_if_unchanged": True})
+    assert skipped.state == "success"
+    assert skipped.task_states["download"] == "skipped" and skipped.task_states["register"] == "skipped"
+    assert live_version(env["root"], "normal") == version
+    assert env["sql"]("SELECT COUNT(*) AS n FROM deployment_logs")[0]["n"] == rows_before
+    forced = run_dag("clip_index_normal", {"skip_if_unchanged": True, "full_rebuild": True})
+    assert forced.state == "success" and live_version(env["root"], "normal") != version
+
+
+def test_scheduled_runs_skip_when_unchanged_but_manual_runs_rebuild(env):
+    from inspection_refresh.tasks import clip_index as pipeline
+    from inspection_refresh.tasks.common import NothingToDo
+
+    seed_normal(env["put"], per_product=1)
+    assert run_dag("clip_index_normal").state == "success"
+    run = dict(index_type="normal", prefix="images/normal/", pretrained=os.environ["INSPECTION_CLIP_PRETRAINED"])
+    with pytest.raises(NothingToDo, match="unchanged since the published normal index"):
+        pipeline.download(pipeline.ClipRun(run_id="scheduled__x", scheduled=True, **run))
+    pipeline.download(pipeline.ClipRun(run_id="manual__x", scheduled=False, **run))  # no skip
+
+
+def assert_failed_cleanly(env, result, message_part: str, version_before: str | None) -> dict:
+    assert result.state == "failed"
+    assert result.task_states["register"] == "failed"  # the run is marked failed, after recording it
+    row = deployment_row(env["sql"], result.run_id)
+    assert row["status"] == "failed" and row["completed_at"] is not None
+    assert message_part in row["result_message"], row["result_message"]
+    assert live_version(env["root"], "normal") == version_before
+    assert not list((env["root"] / ".releases" / "normal").glob(".staging-*"))
+    return row
+
+
+def test_empty_prefix_fails_clearly_and_keeps_the_live_index(env):
+    seed_normal(env["put"], per_product=1)
+    assert run_dag("clip_index_normal").state == "success"
+    version = live_version(env["root"], "normal")
+    result = run_dag("clip_index_normal", {"prefix": "images/nothing-here/"})
+    row = assert_failed_cleanly(env, result, "no images under", version)
+    assert "live index is unchanged (version " + version in row["result_message"]
+
+
+def test_missing_bucket_fails_clearly(env, monkeypatch):
+    monkeypatch.setenv("INSPECTION_BUCKET", "bucket-that-does-not-exist")
+    result = run_dag("clip_index_normal")
+    assert_failed_cleanly(env, result, "bucket 'bucket-that-does-not-exist' does not exist", None)
+
+
+def test_wrong_credentials_fail_clearly(env, s3_server, monkeypatch):
+    from tests.conftest import storage_connection
+
+    monkeypatch.setenv("AIRFLOW_CONN_NCP_OBJECT_STORAGE", storage_connection(s3_server.endpoint, "wrong-key"))
+    result = run_dag("clip_index_normal")
+    row = assert_failed_cleanly(env, result, "rejected the credentials", None)
+    assert "test-secret-key" not in row["result_message"]
+
+
+def test_a_crash_between_writing_and_publishing_leaves_the_old_index_live(env, monkeypatch):
+    from inspection_refresh.publish import Publisher
+
+    seed_normal(env["put"], per_product=1)
+    assert run_dag("clip_index_normal").state == "success"
+    version = live_version(env["root"], "normal")
+    old_index = (env["root"] / "normal" / "faiss_index.bin").read_bytes()
+    env["put"]("images/normal/1/BRKT01_OK_777.jpg", jpeg(0, 777))
+
+    def crash(self, name, staging, version=None):
+        assert (Path(staging) / "faiss_index.bin").exists()  # everything was written...
+        raise OSError("simulated crash before the swap")  # ...and the process died before publishing
+
+    monkeypatch.setattr(Publisher, "publish", crash)
+    result = run_dag("clip_index_normal", {"full_rebuild": True})
+    assert_failed_cleanly(env, result, "simulated crash before the swap", version)
+    assert (env["root"] / "normal" / "faiss_index.bin").read_bytes() == old_index
