@@ -256,6 +256,14 @@ def _product_outcome(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, An
     return {**outcome, "status": "failed", "stage": "build", "error": error}
 
 
+def _discard_staging(run: PatchcoreRun, code: str) -> None:
+    """A failed product's staging directory is never published; remove it now."""
+    record = run.product_dir(code) / "stage-download.json"
+    staging = read_json(record)["facts"].get("staging") if record.exists() else None
+    if staging and Path(staging).exists():
+        run.publisher.discard(staging)
+
+
 def _last_error_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     for line in reversed(lines):
@@ -270,6 +278,8 @@ def register(run: PatchcoreRun) -> dict[str, Any]:
     listed = read_json(listed_path) if listed_path.exists() else {"products": [], "history": True}
     results = {p["product_code"]: _product_outcome(run, p) for p in listed["products"]}
     failed = {code: r for code, r in results.items() if r["status"] != "published"}
+    for code in failed:
+        _discard_staging(run, code)
     published = [code for code in results if code not in failed]
     if not results:
         stage_path = run.work_dir / "stage-list_products.json"
