@@ -47,8 +47,8 @@ model are unchanged since the published index; set **full_rebuild** to ignore al
 def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
     """One CLIP index DAG; ``index_type`` is ``normal`` or ``defect``."""
     settings = get_settings()
-    asset = Asset(name=f"clip_index_{index_type}", uri=f"file://{settings.index_root / index_type}",
-                  group="clip_index")
+    # Named, not located: the published path (which may move) travels in each event's extra.
+    asset = Asset(name=f"clip_index_{index_type}", group="clip_index")
 
     def current_run() -> pipeline.ClipRun:
         context = get_current_context()

@@ -122,9 +122,8 @@ with DAG(
                 result = pipeline.publish_product(current_run(), product, build_output)
             # One asset event per published bank, even if another product of the run fails.
             context["outlet_events"][BANKS].add(
-                Asset(name=f"patchcore_bank_{product['product_code']}", uri=f"file://{result['path']}",
-                      group="patchcore_bank"),
-                extra={k: result.get(k) for k in ("version", "bank_size", "feature_dim", "tau", "auroc")})
+                Asset(name=f"patchcore_bank_{product['product_code']}", group="patchcore_bank"),
+                extra={k: result.get(k) for k in ("version", "path", "bank_size", "feature_dim", "tau", "auroc")})
             return result
 
         env >> build
