@@ -30,7 +30,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from inspection_refresh.clip.cache import EmbeddingCache
 from inspection_refresh.progress import Progress
@@ -61,23 +61,40 @@ class LoadedModel:
     ``identity`` is :func:`inspection_refresh.clip.weights.model_identity` (the
     cache key); ``random_init`` is True for checkpoints made by
     :func:`~inspection_refresh.clip.weights.create_random_checkpoint`, whose
-    embeddings mean nothing.
+    embeddings mean nothing. ``model`` is the open_clip module in eval mode; with
+    ``load_model(..., lazy=True)`` it is built on first use, so a run whose
+    images are all cached never loads the weights.
     """
 
-    model: Any
     model_name: str
     pretrained: str
     device: str
     identity: str
     embed_dim: int
     random_init: bool
+    _model: Any = field(default=None, repr=False)
+    _loader: Callable[[], Any] | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> Any:
+        if self._model is None:
+            if self._loader is None:
+                raise CLIPWeightsError(f"no model and no way to load {self.model_name} {self.pretrained!r}")
+            self._model = self._loader()
+        return self._model
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the weights are in memory yet."""
+        return self._model is not None
 
     def encode(self, batch: "torch.Tensor") -> "np.ndarray":
         """Normalised image batch ``[B, 3, 224, 224]`` -> float32 unit vectors ``[B, D]``."""
         import torch
 
+        model = self.model
         with torch.inference_mode():
-            feats = self.model.encode_image(batch.to(self.device, non_blocking=True))
+            feats = model.encode_image(batch.to(self.device, non_blocking=True))
             feats = feats.float()
             feats = feats / feats.norm(dim=-1, keepdim=True)
             return feats.cpu().numpy().astype("float32", copy=False)
@@ -97,30 +114,13 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def load_model(model_name: str = "ViT-B-32", pretrained: str = "openai", device: str = "auto") -> LoadedModel:
-    """Load open_clip ``model_name`` with weights ``pretrained`` (tag or checkpoint path), in eval mode.
-
-    The model is built exactly as the service builds it,
-    ``open_clip.create_model_and_transforms(model_name, pretrained=pretrained)``,
-    in fp32. Raises :class:`CLIPWeightsError` naming the tag or file and what to
-    do when the weights cannot be had (this machine may be offline).
-    """
+def _create_model(model_name: str, pretrained: str, device: str) -> Any:
+    """``open_clip.create_model_and_transforms`` as the service calls it, in eval mode, or a clear error."""
     import open_clip
     import torch
 
-    from inspection_refresh.clip.weights import is_random_checkpoint, model_identity
-
-    dev = resolve_device(device)
     try:
-        identity = model_identity(model_name, pretrained)
-    except ValueError as exc:
-        raise CLIPWeightsError(
-            f"cannot use CLIP weights {pretrained!r} for {model_name}: {exc}. "
-            "Set the DAG param / INSPECTION_CLIP_PRETRAINED to an open_clip tag (e.g. 'openai') "
-            "or to an existing checkpoint file."
-        ) from exc
-    try:
-        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=dev)
+        model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained, device=device)
     except Exception as exc:
         if os.path.isfile(str(pretrained)):
             hint = (
@@ -136,16 +136,58 @@ def load_model(model_name: str = "ViT-B-32", pretrained: str = "openai", device:
             )
         raise CLIPWeightsError(f"could not load CLIP {model_name} weights {pretrained!r}: {exc}; {hint}") from exc
     model.eval()
-    if dev.startswith("cuda"):
+    if device.startswith("cuda"):
         # keep fp32 semantics on the GPU (cuDNN would use TF32 for the patch-embedding conv)
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
+    log.info("loaded CLIP %s weights %s on %s", model_name, pretrained, device)
+    return model
+
+
+def load_model(
+    model_name: str = "ViT-B-32", pretrained: str = "openai", device: str = "auto", *, lazy: bool = False
+) -> LoadedModel:
+    """Load open_clip ``model_name`` with weights ``pretrained`` (tag or checkpoint path), in eval mode.
+
+    The model is built exactly as the service builds it,
+    ``open_clip.create_model_and_transforms(model_name, pretrained=pretrained)``,
+    in fp32. ``device`` is ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``. With
+    ``lazy=True`` only the identity is worked out now and the weights are
+    loaded on first use (an all-cached run then costs no model load).
+
+    Raises :class:`CLIPWeightsError` naming the tag or file and what to do when
+    the weights cannot be had (this machine may be offline).
+    """
+    import open_clip
+
+    from inspection_refresh.clip.weights import is_random_checkpoint, model_identity
+
+    dev = resolve_device(device)
+    try:
+        identity = model_identity(model_name, pretrained)
+    except ValueError as exc:
+        raise CLIPWeightsError(
+            f"cannot use CLIP weights {pretrained!r} for {model_name}: {exc}. "
+            "Set the DAG param / INSPECTION_CLIP_PRETRAINED to an open_clip tag (e.g. 'openai') "
+            "or to an existing checkpoint file."
+        ) from exc
+    config = open_clip.get_model_config(model_name)
     random_init = is_random_checkpoint(pretrained)
-    embed_dim = int(model.visual.output_dim)
     if random_init:
         log.warning("CLIP %s weights %s are RANDOM (test/demo checkpoint): embeddings carry no meaning", model_name, pretrained)
-    log.info("loaded CLIP %s (%s) on %s, %d-d embeddings", model_name, pretrained, dev, embed_dim)
-    return LoadedModel(model, model_name, str(pretrained), dev, identity, embed_dim, random_init)
+    loaded = LoadedModel(
+        model_name=model_name,
+        pretrained=str(pretrained),
+        device=dev,
+        identity=identity,
+        embed_dim=int(config["embed_dim"]) if config else 0,
+        random_init=random_init,
+        _loader=lambda: _create_model(model_name, str(pretrained), dev),
+    )
+    if not lazy or not config:
+        loaded._model = loaded._loader()  # type: ignore[misc]
+        loaded.embed_dim = int(loaded._model.visual.output_dim)
+    return loaded
 
 
 # ------------------------------------------------------------------- preprocessing
@@ -161,8 +203,10 @@ def load_resized(path: str | os.PathLike[str]) -> "torch.Tensor":
     from PIL import Image
 
     with Image.open(path) as img:
-        rgb = img.convert("RGB")
-    resized = rgb.resize(IMAGE_SIZE, Image.BILINEAR)
+        img.load()
+        # convert("RGB") of an RGB image is a plain copy: skip it, the pixels are the same
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        resized = rgb.resize(IMAGE_SIZE, Image.BILINEAR)
     # HWC -> CHW in numpy: single-threaded, so a decode worker never wakes torch's thread pool
     chw = np.ascontiguousarray(np.asarray(resized, dtype=np.uint8).transpose(2, 0, 1))
     return torch.from_numpy(chw)
@@ -221,6 +265,14 @@ def _collate(samples):
     tensors = [t for _, t, _ in samples if t is not None]
     failed = [(r, why) for r, t, why in samples if t is None]
     return rows, (torch.stack(tensors) if tensors else None), failed
+
+
+def _batches(n: int, batch_size: int, first: int = 8) -> list[list[int]]:
+    """Index batches with a small first one, so the model starts after a few decodes, not a full batch."""
+    first = min(first, batch_size)
+    out = [list(range(0, min(first, n)))] if n else []
+    out += [list(range(s, min(s + batch_size, n))) for s in range(first, n, batch_size)]
+    return out
 
 
 def _worker_init(_worker_id: int) -> None:
@@ -288,11 +340,19 @@ class EmbedResult:
         }
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask; ``os.cpu_count()`` ignores cpusets/taskset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def default_num_threads(device: str, num_workers: int) -> int:
-    """Intra-op threads for the model: every core on CPU (decode fits in the gaps); 1 on a GPU."""
+    """Intra-op threads for the model: every usable core on CPU (decoding fits in the gaps); 1 on a GPU."""
     if device.startswith("cuda"):
         return 1
-    return max(1, os.cpu_count() or 1)
+    return usable_cpus()
 
 
 def embed_files(
@@ -367,8 +427,7 @@ def embed_files(
         progress = Progress(progress_label, total=len(to_embed), unit="images", interval=progress_interval, logger=log)
         loader = torch.utils.data.DataLoader(
             _ResizeDataset(to_embed),
-            batch_size=batch_size,
-            shuffle=False,
+            batch_sampler=_batches(len(to_embed), batch_size),
             num_workers=num_workers,
             collate_fn=_collate,
             pin_memory=model.device.startswith("cuda"),

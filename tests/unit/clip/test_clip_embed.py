@@ -156,3 +156,24 @@ def test_nothing_to_embed_returns_an_empty_matrix(clip_model, tmp_path):
 def test_unknown_devices_are_refused(device):
     with pytest.raises(ValueError):
         embed.resolve_device(device)
+
+
+def test_lazy_model_is_not_loaded_when_everything_is_cached(clip_checkpoint, clip_model, image_paths, tmp_path):
+    from inspection_refresh.clip.embed import load_model
+
+    cache = EmbeddingCache(tmp_path / "cache")
+    warm = embed_files(image_paths[:2], clip_model, cache=cache, num_workers=0)
+    lazy = load_model("ViT-B-32", str(clip_checkpoint), device="cpu", lazy=True)
+    assert lazy.identity == clip_model.identity and lazy.embed_dim == 512 and lazy.random_init
+    again = embed_files(image_paths[:2], lazy, cache=cache, num_workers=0)
+    assert again.embedded == 0 and not lazy.loaded
+    np.testing.assert_array_equal(again.vectors, warm.vectors)
+    more = embed_files(image_paths[:3], lazy, cache=cache, num_workers=0)
+    assert more.embedded == 1 and lazy.loaded
+
+
+def test_first_batch_is_small_and_batches_cover_everything():
+    assert embed._batches(0, 32) == []
+    assert [len(b) for b in embed._batches(100, 32)] == [8, 32, 32, 28]
+    assert sum(embed._batches(100, 32), []) == list(range(100))
+    assert embed._batches(5, 2) == [[0, 1], [2, 3], [4]]
