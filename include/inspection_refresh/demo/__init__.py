@@ -1,0 +1,1 @@
+"""Synthetic demo data: product images with and without defects, for the demo, tests and benchmarks."""

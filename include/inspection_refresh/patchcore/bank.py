@@ -1,0 +1,131 @@
+"""The bank directory the service loads (CONTRACT.md): writing it atomically and validating it.
+
+Files: ``memory_bank.pt`` (``torch.save`` of a float32 ``Tensor[M, D]``),
+``bank_config.json``, ``tau.json`` (``{"pixel": float, "image": float}``) and
+``score_histogram.png``. Every file is written as ``<name>.tmp`` first and renamed
+into place only when all of them were written, so a failed build never leaves a
+file with a final name behind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inspection_refresh.patchcore.options import BankValidationError, feature_dim, parse_layers
+
+BANK_FILE = "memory_bank.pt"
+CONFIG_FILE = "bank_config.json"
+TAU_FILE = "tau.json"
+HISTOGRAM_FILE = "score_histogram.png"
+BANK_FILES = (BANK_FILE, CONFIG_FILE, TAU_FILE, HISTOGRAM_FILE)
+
+
+def write_bank(out_dir: Path, bank: np.ndarray, config: dict[str, Any], tau: dict[str, float],
+               plot: Callable[[Path], None]) -> list[Path]:
+    """Write the four bank files into ``out_dir`` (created if missing); returns their paths.
+
+    ``plot(path)`` draws the histogram PNG at ``path``. On any error the ``*.tmp``
+    files are removed and nothing under a final name has been replaced.
+    """
+    import torch
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged = {name: out_dir / f"{name}.tmp" for name in BANK_FILES}
+    try:
+        torch.save(torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)), staged[BANK_FILE])
+        staged[CONFIG_FILE].write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
+        staged[TAU_FILE].write_text(json.dumps({"pixel": float(tau["pixel"]), "image": float(tau["image"])}) + "\n")
+        plot(staged[HISTOGRAM_FILE])
+        for name, tmp in staged.items():
+            os.replace(tmp, out_dir / name)
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+    return [out_dir / name for name in BANK_FILES]
+
+
+def validate_bank(bank_dir: Path | str, expected: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check a bank directory as the service would load it; returns facts about it.
+
+    Checks: all files present; ``memory_bank.pt`` is a finite float32 ``Tensor[M, D]`` with
+    ``M >= 1`` and unit-norm rows, ``D`` matching ``layers``; ``bank_config.json`` has
+    ``layers``/``shorter``/``stride`` (equal to ``expected``'s, when given); ``tau.json``
+    has finite ``pixel`` and ``image`` > 0. Raises ``BankValidationError`` saying what is wrong.
+    Returns ``{"bank_dir", "bank_size", "feature_dim", "layers", "shorter", "stride", "tau", "weights"}``.
+    """
+    import torch
+
+    bank_dir = Path(bank_dir)
+    missing = [name for name in BANK_FILES if not (bank_dir / name).is_file()]
+    if missing:
+        raise BankValidationError(f"bank directory {bank_dir} lacks {', '.join(missing)}")
+    config = _read_json(bank_dir / CONFIG_FILE)
+    tau = _read_json(bank_dir / TAU_FILE)
+    for key in ("layers", "shorter", "stride"):
+        if key not in config:
+            raise BankValidationError(f"{bank_dir / CONFIG_FILE} lacks {key!r}, which the service reads")
+    try:
+        layers = parse_layers(config["layers"])
+    except Exception as exc:
+        raise BankValidationError(f"{bank_dir / CONFIG_FILE}: bad layers {config['layers']!r}: {exc}") from exc
+    for key, value in (expected or {}).items():
+        actual = layers if key == "layers" else config.get(key)
+        wanted = parse_layers(value) if key == "layers" else value
+        if actual != wanted:
+            raise BankValidationError(f"{bank_dir / CONFIG_FILE}: {key} is {actual!r}, expected {wanted!r}")
+
+    try:
+        bank = torch.load(bank_dir / BANK_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BankValidationError(f"cannot load {bank_dir / BANK_FILE} with torch.load: {exc}") from exc
+    if not isinstance(bank, torch.Tensor) or bank.dtype != torch.float32 or bank.dim() != 2 or bank.shape[0] < 1:
+        kind = f"{bank.dtype} tensor of shape {tuple(bank.shape)}" if isinstance(bank, torch.Tensor) else type(bank).__name__
+        raise BankValidationError(f"{bank_dir / BANK_FILE} holds a {kind}; expected a float32 Tensor[M >= 1, D]")
+    dim = feature_dim(layers)
+    if bank.shape[1] != dim or config.get("feature_dim", dim) != dim:
+        raise BankValidationError(
+            f"{bank_dir / BANK_FILE} has {bank.shape[1]} columns, config feature_dim "
+            f"{config.get('feature_dim')}; layers {layers} give {dim}"
+        )
+    if not bool(torch.isfinite(bank).all()):
+        raise BankValidationError(f"{bank_dir / BANK_FILE} contains NaN or infinite values")
+    norms = bank.norm(dim=1)
+    if float((norms - 1).abs().max()) > 1e-3:
+        raise BankValidationError(f"{bank_dir / BANK_FILE} rows are not L2-normalised (norms {float(norms.min()):.4f}"
+                                  f"..{float(norms.max()):.4f}); features were not extracted as the contract says")
+    for key in ("pixel", "image"):
+        value = tau.get(key)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise BankValidationError(f"{bank_dir / TAU_FILE}: {key!r} is {value!r}; expected a finite number > 0")
+    if "bank_size" in config and config["bank_size"] != bank.shape[0]:
+        raise BankValidationError(f"{bank_dir / CONFIG_FILE} says bank_size {config['bank_size']}, "
+                                  f"{BANK_FILE} has {bank.shape[0]} rows")
+    return {
+        "bank_dir": str(bank_dir),
+        "bank_size": int(bank.shape[0]),
+        "feature_dim": int(bank.shape[1]),
+        "layers": layers,
+        "shorter": config["shorter"],
+        "stride": config["stride"],
+        "tau": {"pixel": float(tau["pixel"]), "image": float(tau["image"])},
+        "weights": config.get("weights"),
+    }
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise BankValidationError(f"cannot read {path} as JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BankValidationError(f"{path} holds a JSON {type(data).__name__}, expected an object")
+    return data
+

@@ -1,0 +1,402 @@
+"""Build one product's PatchCore bank end to end, and the CLI compatible with the old ``build_bank.py``.
+
+Flow for one product (features are extracted once per image and reused):
+
+1. list the normal images of ``ok_dir``; split them (seeded) into a calibration-bank
+   set and a held-out set (``holdout``, at least one image each);
+2. extract the calibration-bank images' patches into a bounded reservoir and build a
+   coreset of them (the *calibration bank*);
+3. extract the held-out images, score their patches against the calibration bank
+   (never against their own patches), and add them to the reservoir;
+4. extract any labelled defect images and score them the same way (AUROC, histogram;
+   they never enter a bank);
+5. tau from the held-out scores; the published bank is the coreset of the reservoir,
+   i.e. of all normal images' patches (uniformly subsampled past ``reservoir_max``);
+6. write the bank files atomically (:mod:`.bank`).
+
+Usage::
+
+    python -m inspection_refresh.patchcore.build --ok_dir DIR --out_dir DIR [--defect_dir DIR ...]
+    python -m inspection_refresh.patchcore.build --root /data/patchCore   # every {root}/{product}/ok
+
+People read progress lines on stderr; stdout gets one ``PATCHCORE_SUMMARY {json}`` line
+per product. The exit status is non-zero when any product failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inspection_refresh import __version__
+from inspection_refresh.patchcore.images import RESIZE_METHOD, ImageInfo, list_images, load_rgb, probe
+from inspection_refresh.patchcore.options import EXTRACTOR_VERSION, BankBuildError, BuildOptions
+from inspection_refresh.progress import Progress
+
+log = logging.getLogger(__name__)
+
+SUMMARY_PREFIX = "PATCHCORE_SUMMARY"
+
+
+def build_product(
+    ok_dir: Path | str,
+    out_dir: Path | str,
+    options: BuildOptions | None = None,
+    defect_dirs: list[Path | str] | tuple[Path | str, ...] = (),
+    product: str | None = None,
+) -> dict[str, Any]:
+    """Build the bank for the normal images in ``ok_dir`` into ``out_dir``; returns the summary.
+
+    ``defect_dirs``: labelled defect images, used only for the held-out AUROC and the
+    histogram. ``product`` names the product in logs and the summary (default: the
+    parent's name when ``ok_dir`` is called ``ok``, else ``ok_dir``'s name).
+    Returns ``{"product", "status": "completed", "num_images", "num_skipped", "num_defect_images",
+    "bank_size", "feature_dim", "tau": {"pixel", "image"}, "auroc" (or None), "seconds", "out_dir",
+    "weights"}``. Raises ``BankBuildError`` with a message naming the file or directory.
+    """
+    from inspection_refresh.patchcore.bank import write_bank
+    from inspection_refresh.patchcore.calibration import (
+        NearestNeighbourScorer, auroc, calibrate_tau, image_score, plot_histogram)
+    from inspection_refresh.patchcore.coreset import KCenterGreedy
+    from inspection_refresh.patchcore.features import (
+        IMAGENET_MEAN, IMAGENET_STD, PatchFeatureExtractor, load_resnet50, patch_grid, resolve_device)
+    from inspection_refresh.patchcore.reservoir import PatchReservoir
+
+    started = time.monotonic()
+    options = options or BuildOptions()
+    ok_dir, out_dir = Path(ok_dir), Path(out_dir)
+    product = product or (ok_dir.parent.name if ok_dir.name == "ok" else ok_dir.name)
+    tag = f"[{product}]"
+
+    normals, skipped = _readable_images(ok_dir, options.shorter, "normal")
+    if len(normals) < 2:
+        raise BankBuildError(
+            f"{ok_dir} has {len(normals)} readable normal image(s); at least 2 are needed "
+            "(some are held out to calibrate tau): add the product's normal images there"
+        )
+    calib, holdout = _split(normals, options.holdout, options.seed)
+    defects: list[ImageInfo] = []
+    for directory in defect_dirs:
+        found, _ = _readable_images(Path(directory), options.shorter, "defect", allow_empty=True)
+        defects += found
+    log.info("%s %d normal images (%d calibration-bank, %d held out), %d skipped, %d defect images",
+             tag, len(normals), len(calib), len(holdout), skipped, len(defects))
+
+    device = resolve_device(options.device)
+    backbone, weights = load_resnet50(options.weights, options.seed, options.layers)
+    extractor = PatchFeatureExtractor(backbone, options.layers, options.stride).to(device)
+    del backbone
+    batch_size = options.batch_size or (8 if device.type == "cuda" else 1)
+    expected = sum(np.prod(patch_grid(*info.size, options.layers[0], options.stride)) for info in normals)
+    reservoir = PatchReservoir(options.reservoir_max, extractor.feature_dim, options.seed, expected=int(expected))
+    sampler = KCenterGreedy(options.projection_dim, options.seed)
+
+    used_calib = 0
+    for _, feats in _extract(extractor, calib, options.shorter, batch_size, device, f"{tag} features (calibration bank)"):
+        reservoir.add(feats)
+        used_calib += 1
+    if not used_calib:
+        raise BankBuildError(f"none of the calibration images in {ok_dir} could be decoded; check the files")
+    # Count-mode coresets scale with the share of images, so both banks have the same density.
+    calib_size = _coreset_size(options, reservoir.size, used_calib / len(normals))
+    calib_bank = reservoir.features[_select(sampler, reservoir.features, calib_size, f"{tag} coreset (calibration)")]
+    scorer = NearestNeighbourScorer(calib_bank)
+
+    holdout_distances: list[np.ndarray] = []
+    for _, feats in _extract(extractor, holdout, options.shorter, batch_size, device, f"{tag} features (held out)"):
+        holdout_distances.append(scorer.distances(feats))
+        reservoir.add(feats)
+    if not holdout_distances:
+        raise BankBuildError(f"none of the held-out images in {ok_dir} could be decoded; check the files")
+    defect_scores = [
+        image_score(scorer.distances(feats))
+        for _, feats in _extract(extractor, defects, options.shorter, batch_size, device, f"{tag} features (defect)")
+    ]
+    del scorer
+    tau = calibrate_tau(holdout_distances, options.pixel_pct, options.image_pct)
+    normal_scores = [image_score(d) for d in holdout_distances]
+    score_auroc = auroc(normal_scores, defect_scores) if defect_scores else None
+    num_images = used_calib + len(holdout_distances)
+
+    bank_size = _coreset_size(options, reservoir.size, 1.0)
+    bank = reservoir.features[_select(sampler, reservoir.features, bank_size, f"{tag} coreset (bank)")]
+    config = {
+        "layers": extractor.layers,
+        "shorter": options.shorter,
+        "stride": options.stride,
+        "backbone": "resnet50",
+        "backbone_source": "torchvision",
+        "weights": weights,
+        "feature_dim": extractor.feature_dim,
+        "bank_size": int(bank.shape[0]),
+        "dtype": "float32",
+        "extractor_version": EXTRACTOR_VERSION,
+        "input": {"color": "RGB", "range": [0.0, 1.0], "resize": RESIZE_METHOD,
+                  "normalize_mean": list(IMAGENET_MEAN), "normalize_std": list(IMAGENET_STD)},
+        "feature_pooling": "each layer L2-normalised over channels, upsampled bilinearly (align_corners=False) "
+                           "to the first layer's grid, concatenated, every stride-th cell kept, L2-normalised again",
+        "coreset": {
+            "method": "greedy_k_center",
+            "coreset": options.coreset,
+            "projection": "gaussian",
+            "projection_dim": options.projection_dim,
+            "seed": options.seed,
+            "candidates": int(reservoir.size),
+            "patches_seen": int(reservoir.seen),
+            "reservoir_max": options.reservoir_max,
+            "reservoir_sampled": reservoir.sampled,
+        },
+        "calibration": {
+            "method": "held-out normal images scored against a coreset of the other normal images",
+            "distance": "L2 to nearest bank patch (faiss IndexFlatL2, sqrt)",
+            "image_score": "99th percentile of the image's patch distances",
+            "holdout_fraction": options.holdout,
+            "num_calibration_bank_images": used_calib,
+            "num_holdout_images": len(holdout_distances),
+            "calibration_bank_size": int(calib_bank.shape[0]),
+            "pixel_pct": options.pixel_pct,
+            "image_pct": options.image_pct,
+            "tau": tau,
+            "holdout_image_scores": _describe(normal_scores),
+            "num_defect_images": len(defect_scores),
+            "defect_image_scores": _describe(defect_scores) if defect_scores else None,
+            "auroc": score_auroc,
+        },
+        "product": product,
+        "num_images": num_images,
+        "num_skipped_images": skipped + (len(normals) - num_images),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "builder": f"inspection_refresh {__version__}",
+    }
+    del reservoir
+    title = f"{product}: held-out image scores" + (f", AUROC {score_auroc:.3f}" if score_auroc is not None else "")
+    write_bank(out_dir, bank, config, tau,
+               lambda path: plot_histogram(path, normal_scores, defect_scores, tau["image"], title))
+    summary = {
+        "product": product,
+        "status": "completed",
+        "num_images": num_images,
+        "num_skipped": config["num_skipped_images"],
+        "num_defect_images": len(defect_scores),
+        "bank_size": int(bank.shape[0]),
+        "feature_dim": extractor.feature_dim,
+        "tau": tau,
+        "auroc": score_auroc,
+        "seconds": round(time.monotonic() - started, 2),
+        "out_dir": str(out_dir),
+        "weights": weights["name"],
+    }
+    log.info("%s bank of %d x %d written to %s in %.1fs (tau pixel %.4f, image %.4f, AUROC %s)",
+             tag, bank.shape[0], bank.shape[1], out_dir, summary["seconds"], tau["pixel"], tau["image"],
+             "n/a" if score_auroc is None else f"{score_auroc:.3f}")
+    return summary
+
+
+def build_root(root: Path | str, options: BuildOptions | None = None) -> list[dict[str, Any]]:
+    """Build every product under ``root`` (each ``{root}/{product}/ok``, written into ``{root}/{product}/``).
+
+    Returns one summary per product; a failed product gets ``status: "failed"`` and
+    ``error`` and does not stop the others.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise BankBuildError(f"--root {root} is not a directory")
+    products = sorted(p for p in root.iterdir() if (p / "ok").is_dir())
+    if not products:
+        raise BankBuildError(f"no product directories with an ok/ folder under {root} (expected {root}/<product>/ok)")
+    return [run_product(p / "ok", p, options, product=p.name) for p in products]
+
+
+def run_product(ok_dir: Path, out_dir: Path, options: BuildOptions | None, defect_dirs: list[Path] | tuple = (),
+                product: str | None = None) -> dict[str, Any]:
+    """:func:`build_product`, but a failure is logged and returned as a ``status: "failed"`` summary."""
+    started = time.monotonic()
+    name = product or (ok_dir.parent.name if ok_dir.name == "ok" else ok_dir.name)
+    try:
+        return build_product(ok_dir, out_dir, options, defect_dirs, product=name)
+    except BankBuildError as exc:
+        log.error("[%s] PatchCore build FAILED: %s", name, exc)
+        error = str(exc)
+    except Exception as exc:  # an unexpected bug or resource error: keep the traceback in the log
+        log.exception("[%s] PatchCore build FAILED unexpectedly", name)
+        error = f"{type(exc).__name__}: {exc}"
+    return {"product": name, "status": "failed", "error": error, "num_images": None, "bank_size": None,
+            "feature_dim": None, "tau": None, "auroc": None,
+            "seconds": round(time.monotonic() - started, 2), "out_dir": str(out_dir)}
+
+
+def _readable_images(directory: Path, shorter: int, kind: str, allow_empty: bool = False) -> tuple[list[ImageInfo], int]:
+    """Images in ``directory`` whose headers PIL reads, and how many image files were skipped."""
+    try:
+        paths = list_images(directory)
+    except OSError as exc:
+        raise BankBuildError(f"cannot read the {kind} image directory: {exc}") from exc
+    if not paths and not allow_empty:
+        raise BankBuildError(f"{directory} contains no {kind} images (jpg/jpeg/png/bmp/tif/webp); add some there")
+    if not paths:
+        log.warning("%s contains no %s images; it is ignored", directory, kind)
+    infos = probe(paths, shorter)
+    if paths and not infos:
+        raise BankBuildError(f"none of the {len(paths)} {kind} image files in {directory} can be read; check them")
+    return infos, len(paths) - len(infos)
+
+
+def _split(images: list[ImageInfo], holdout: float, seed: int) -> tuple[list[ImageInfo], list[ImageInfo]]:
+    """Seeded split into (calibration-bank, held-out) images; each side non-empty, each sorted for batching."""
+    count = min(len(images) - 1, max(1, round(holdout * len(images))))
+    chosen = set(np.random.default_rng([seed, 3]).permutation(len(images))[:count].tolist())
+    by_size = lambda info: (info.size, info.path.name)  # noqa: E731 -- same-size neighbours batch together
+    calib = sorted((img for i, img in enumerate(images) if i not in chosen), key=by_size)
+    held = sorted((img for i, img in enumerate(images) if i in chosen), key=by_size)
+    return calib, held
+
+
+def _coreset_size(options: BuildOptions, candidates: int, share: float) -> int:
+    if options.coreset > 1:
+        return max(1, min(candidates, int(np.ceil(options.coreset * share))))
+    return options.coreset_size(candidates)
+
+
+def _select(sampler: Any, features: np.ndarray, size: int, label: str) -> np.ndarray:
+    progress = Progress(label, total=size, unit="picks", logger=log)
+    indices = sampler.select(features, size, progress=progress)
+    progress.finish()
+    return indices
+
+
+def _extract(extractor: Any, images: list[ImageInfo], shorter: int, batch_size: int, device: Any,
+             label: str) -> Iterator[tuple[ImageInfo, np.ndarray]]:
+    """Yield ``(image, float32 [P, D] features)`` per decodable image; the next batch is decoded meanwhile.
+
+    Consecutive images of equal size share a forward pass (at most ``batch_size``).
+    Undecodable files are logged with their name and skipped.
+    """
+    import torch
+
+    if not images:
+        return
+    batches: list[list[ImageInfo]] = []
+    for info in images:
+        if batches and len(batches[-1]) < batch_size and batches[-1][0].size == info.size:
+            batches[-1].append(info)
+        else:
+            batches.append([info])
+    progress = Progress(label, total=len(images), unit="images", logger=log)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="patchcore-read") as pool:
+        pending: Future = pool.submit(_load_batch, batches[0], shorter)
+        for number in range(len(batches)):
+            loaded = pending.result()
+            if number + 1 < len(batches):
+                pending = pool.submit(_load_batch, batches[number + 1], shorter)
+            progress.update(len(batches[number]) - len(loaded))
+            if not loaded:
+                continue
+            pixels = torch.from_numpy(np.stack([array for _, array in loaded])).permute(0, 3, 1, 2)
+            feats = extractor(pixels.to(device)).cpu().numpy()
+            for (info, _), image_feats in zip(loaded, feats):
+                yield info, image_feats
+                progress.update(1)
+    progress.finish()
+
+
+def _load_batch(batch: list[ImageInfo], shorter: int) -> list[tuple[ImageInfo, np.ndarray]]:
+    loaded = []
+    for info in batch:
+        try:
+            array = load_rgb(info.path, shorter)
+        except (OSError, ValueError) as exc:
+            log.warning("skipping undecodable image %s: %s", info.path, exc)
+            continue
+        if array.shape[1::-1] != info.size:  # header and pixels disagree (e.g. EXIF oddities): skip, do not guess
+            log.warning("skipping %s: decoded size %s differs from its header", info.path, array.shape[1::-1])
+            continue
+        loaded.append((info, array))
+    return loaded
+
+
+def _describe(values: list[float]) -> dict[str, float]:
+    array = np.asarray(values, dtype=np.float64)
+    return {"min": float(array.min()), "median": float(np.median(array)), "max": float(array.max())}
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = BuildOptions()
+    parser = argparse.ArgumentParser(
+        prog="python -m inspection_refresh.patchcore.build",
+        description="Build PatchCore memory banks (memory_bank.pt, bank_config.json, tau.json, score_histogram.png).",
+    )
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--root", type=Path, help="build every {root}/{product}/ok into {root}/{product}/")
+    where.add_argument("--ok_dir", type=Path, help="one product's normal images (needs --out_dir)")
+    parser.add_argument("--out_dir", type=Path, help="where the bank files are written (with --ok_dir)")
+    parser.add_argument("--product", help="product code for logs and the summary (with --ok_dir)")
+    parser.add_argument("--defect_dir", type=Path, action="append", default=[],
+                        help="labelled defect images, only for held-out AUROC and the histogram (repeatable)")
+    parser.add_argument("--shorter", type=int, default=defaults.shorter, help="short side resize (default %(default)s)")
+    parser.add_argument("--stride", type=int, default=defaults.stride,
+                        help="patch sampling stride on the first layer's grid (default %(default)s)")
+    parser.add_argument("--layers", nargs="+", default=[",".join(defaults.layers)],
+                        help="resnet50 layers, comma- or space-separated (default %(default)s)")
+    parser.add_argument("--coreset", type=float, default=defaults.coreset,
+                        help="ratio of patches in (0, 1], or a patch count > 1 (default %(default)s)")
+    parser.add_argument("--reservoir_max", type=int, default=defaults.reservoir_max,
+                        help="patches kept in memory per product before reservoir sampling (default %(default)s)")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
+    parser.add_argument("--pixel_pct", type=float, default=defaults.pixel_pct, help="default %(default)s")
+    parser.add_argument("--image_pct", type=float, default=defaults.image_pct, help="default %(default)s")
+    parser.add_argument("--holdout", type=float, default=defaults.holdout,
+                        help="share of normal images held out to calibrate tau (default %(default)s)")
+    parser.add_argument("--weights", default=defaults.weights,
+                        help="imagenet | random (offline demo/tests) | path to a resnet50 state_dict (default %(default)s)")
+    parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda (default %(default)s)")
+    parser.add_argument("--batch_size", type=int, default=defaults.batch_size,
+                        help="images per forward pass; 0 = 1 on CPU, 8 on CUDA (default %(default)s)")
+    parser.add_argument("--projection_dim", type=int, default=defaults.projection_dim,
+                        help="random projection dims for the coreset search (default %(default)s)")
+    parser.add_argument("--log_level", default="INFO", help="default %(default)s")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point; returns the exit status (0 when every product completed)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("faiss.loader", "matplotlib"):  # library start-up chatter, not progress
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.ok_dir is not None and args.out_dir is None:
+        parser.error("--ok_dir needs --out_dir")
+    if args.root is not None and (args.out_dir is not None or args.defect_dir or args.product):
+        parser.error("--out_dir, --defect_dir and --product go with --ok_dir, not --root")
+    try:
+        options = BuildOptions(
+            shorter=args.shorter, stride=args.stride, layers=args.layers, coreset=args.coreset,
+            reservoir_max=args.reservoir_max, seed=args.seed, pixel_pct=args.pixel_pct, image_pct=args.image_pct,
+            weights=args.weights, device=args.device, batch_size=args.batch_size, holdout=args.holdout,
+            projection_dim=args.projection_dim,
+        )
+        if args.root is not None:
+            summaries = build_root(args.root, options)
+        else:
+            summaries = [run_product(args.ok_dir, args.out_dir, options, args.defect_dir, args.product)]
+    except BankBuildError as exc:
+        log.error("PatchCore build FAILED: %s", exc)
+        return 1
+    for summary in summaries:
+        print(f"{SUMMARY_PREFIX} {json.dumps(summary)}", flush=True)
+    return 0 if all(s["status"] == "completed" for s in summaries) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""PatchCore coreset: greedy k-center selection on a seeded Gaussian random projection.
+
+The sampler picks, one at a time, the patch farthest from everything picked so far
+(Gonzalez' 2-approximation of the k-center problem), as in PatchCore and anomalib's
+``KCenterGreedy``. Distances are measured after projecting the features to
+``projection_dim`` dimensions with a Gaussian matrix (Johnson-Lindenstrauss), so one
+step is a single pass over a small projected matrix; the indices returned are of
+the *original* rows, so the bank holds real patch features.
+
+Cost: the input is read once, in chunks, for the projection and never copied; a step
+is one matrix-vector product over the projected ``[projection_dim, N]`` matrix (kept
+transposed: the fastest layout for BLAS ``gemv`` here) plus a few ``O(N)`` vector
+operations on a min-distance vector -- never an ``N x N`` matrix. numpy only: no torch
+import, so a stand-alone selection stays small in memory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import numpy as np
+
+
+class _Progress(Protocol):
+    def update(self, items: int = 1, nbytes: int = 0) -> None: ...
+
+
+def gaussian_projection(in_dim: int, out_dim: int, seed: int) -> np.ndarray:
+    """``float32 [in_dim, out_dim]``, entries N(0, 1/out_dim) from ``numpy.random.default_rng(seed)``."""
+    matrix = np.random.default_rng(seed).standard_normal((in_dim, out_dim), dtype=np.float32)
+    matrix *= np.float32(1.0 / math.sqrt(out_dim))
+    return matrix
+
+
+def first_index(num_points: int, seed: int) -> int:
+    """The seeded first pick: ``numpy.random.default_rng([seed, 1]).integers(num_points)``."""
+    return int(np.random.default_rng([seed, 1]).integers(num_points))
+
+
+class KCenterGreedy:
+    """Greedy k-center coreset sampler, deterministic for a seed.
+
+    Args:
+        projection_dim: dimensions of the random projection; features with at most
+            this many dimensions are used unprojected.
+        seed: seeds the projection matrix and the first pick.
+        chunk_rows: rows projected at a time (bounds the projection's temporary memory).
+    """
+
+    def __init__(self, projection_dim: int = 128, seed: int = 0, chunk_rows: int = 8192) -> None:
+        self.projection_dim = projection_dim
+        self.seed = seed
+        self.chunk_rows = chunk_rows
+
+    def select(self, features: np.ndarray, n: int, progress: _Progress | None = None) -> np.ndarray:
+        """Row indices (``int64 [n]``, in pick order) of ``n`` rows of ``features`` ``[N, D]`` covering the rest.
+
+        ``n`` is clipped to ``[1, N]``; ``n == N`` returns ``arange(N)`` without searching.
+        Ties go to the lowest index. ``progress.update(k)`` is called every 512 picks.
+        """
+        num_points = int(features.shape[0])
+        if num_points == 0:
+            raise ValueError("cannot select a coreset from zero features")
+        n = max(1, min(int(n), num_points))
+        if n == num_points:
+            return np.arange(num_points, dtype=np.int64)
+        points_t = self._project_transposed(features)  # [k, N]
+        sq_norms = np.einsum("ij,ij->j", points_t, points_t)
+        min_dist = np.full(num_points, np.inf, dtype=np.float32)
+        dist = np.empty(num_points, dtype=np.float32)
+        picked = np.empty(n, dtype=np.int64)
+        current = first_index(num_points, self.seed)
+        for step in range(n):
+            picked[step] = current
+            # ||p - c||^2 = ||p||^2 - 2 p.c + ||c||^2 for every p, in one pass over the points.
+            np.dot(points_t[:, current] * np.float32(-2.0), points_t, out=dist)
+            dist += sq_norms
+            dist += sq_norms[current]
+            np.minimum(min_dist, dist, out=min_dist)
+            min_dist[current] = -1.0  # picked: never the farthest again, even among duplicates
+            current = int(np.argmax(min_dist))
+            if progress is not None and (step + 1) % 512 == 0:
+                progress.update(512)
+        if progress is not None and n % 512:
+            progress.update(n % 512)
+        return picked
+
+    def _project_transposed(self, features: np.ndarray) -> np.ndarray:
+        """``float32 [k, N]``: the projected points as columns; reads ``features`` chunk by chunk."""
+        num_points, dim = int(features.shape[0]), int(features.shape[1])
+        if dim <= self.projection_dim:
+            return np.ascontiguousarray(np.asarray(features, dtype=np.float32).T)
+        matrix = gaussian_projection(dim, self.projection_dim, self.seed)
+        out = np.empty((self.projection_dim, num_points), dtype=np.float32)
+        for start in range(0, num_points, self.chunk_rows):
+            chunk = np.asarray(features[start : start + self.chunk_rows], dtype=np.float32)
+            out[:, start : start + chunk.shape[0]] = (chunk @ matrix).T
+        return out

@@ -1,0 +1,144 @@
+"""ResNet50 patch features exactly as the service computes them (CONTRACT.md).
+
+For a batch of RGB images in [0, 1]: normalise with ImageNet mean/std, run
+torchvision ``resnet50`` only as deep as the deepest requested layer, L2-normalise
+each layer's output over channels, upsample it bilinearly (``align_corners=False``)
+to the first (shallowest) layer's grid, concatenate over channels, keep every
+``stride``-th cell in both axes and L2-normalise again. One image gives
+``[rows * cols, D]`` patch features in row-major grid order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from inspection_refresh.patchcore.options import BankBuildError, feature_dim, parse_layers
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+
+
+def load_resnet50(weights: str, seed: int = 0, layers: list[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """A torchvision ``resnet50`` in eval mode and a descriptor of its weights for ``bank_config.json``.
+
+    ``weights``: ``"imagenet"`` (IMAGENET1K_V1 via torchvision's cache/download),
+    ``"random"`` (initialised with ``torch.manual_seed(seed)``; not for production), or
+    the path of a ``state_dict`` checkpoint (optionally wrapped as ``{"state_dict": ...}``;
+    keys of stages deeper than the deepest of ``layers``, and ``fc``, may be absent).
+    Raises ``BankBuildError`` saying what to pass instead when the weights cannot be had.
+    """
+    if weights == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = torchvision.models.resnet50(weights=None)
+        descriptor = {
+            "name": "random",
+            "seed": seed,
+            "note": "RANDOM initialisation, not ImageNet: for offline demos and tests only; "
+            "the service assumes ImageNet weights",
+        }
+        log.warning("using RANDOM backbone weights (seed %d): this bank is for demos/tests, not production", seed)
+    elif weights == "imagenet":
+        enum = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
+        try:
+            model = torchvision.models.resnet50(weights=enum, progress=False)
+        except Exception as exc:  # URLError, hash mismatch, unwritable cache, ...
+            raise BankBuildError(
+                f"could not load torchvision ResNet50 {enum.name} weights ({exc}); they come from "
+                f"{enum.url} into {torch.hub.get_dir()}/checkpoints. Offline: copy that file there, "
+                "or pass --weights /path/to/resnet50_state_dict.pth, or --weights random for a demo bank"
+            ) from exc
+        descriptor = {"name": "imagenet", "torchvision_weights": f"ResNet50_Weights.{enum.name}", "url": enum.url}
+    else:
+        model, descriptor = _from_checkpoint(Path(weights), parse_layers(layers or ["layer4"])[-1])
+    return model.eval(), descriptor
+
+
+def _from_checkpoint(path: Path, deepest: str) -> tuple[nn.Module, dict[str, Any]]:
+    if not path.is_file():
+        raise BankBuildError(
+            f"weights file {path} does not exist; pass an existing resnet50 state_dict file, "
+            "'imagenet' or 'random'"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BankBuildError(f"could not read weights file {path} as a torch state_dict: {exc}") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise BankBuildError(f"weights file {path} holds a {type(state).__name__}, not a resnet50 state_dict")
+    model = torchvision.models.resnet50(weights=None)
+    result = model.load_state_dict(state, strict=False)
+    unused = ("fc.",) + tuple(f"{name}." for name in _STAGES[_STAGES.index(deepest) + 1 :])
+    missing = [key for key in result.missing_keys if not key.startswith(unused)]
+    if missing or result.unexpected_keys:
+        raise BankBuildError(
+            f"weights file {path} does not fit torchvision resnet50: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return model, {"name": "checkpoint", "path": str(path.resolve()), "sha256": digest,
+                   "missing_keys": result.missing_keys}
+
+
+class PatchFeatureExtractor(nn.Module):
+    """Backbone truncated after the deepest requested layer, plus the contract's patch pooling."""
+
+    def __init__(self, backbone: nn.Module, layers: list[str], stride: int) -> None:
+        super().__init__()
+        self.layers = parse_layers(layers)
+        self.stride = stride
+        self.feature_dim = feature_dim(self.layers)
+        last = _STAGES.index(self.layers[-1])
+        self.stages = nn.ModuleDict((name, getattr(backbone, name)) for name in _STAGES[: last + 1])
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+        self.eval()
+
+    @torch.inference_mode()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` RGB in [0, 1] -> ``[B, P, D]`` L2-normalised patch features."""
+        x = (images - self.mean) / self.std
+        maps = []
+        for name, stage in self.stages.items():
+            x = stage(x)
+            if name in self.layers:
+                maps.append(F.normalize(x, dim=1))
+        grid = maps[0].shape[-2:]
+        maps = [m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps]
+        feats = torch.cat(maps, dim=1)[:, :, :: self.stride, :: self.stride]
+        feats = F.normalize(feats, dim=1)
+        return feats.permute(0, 2, 3, 1).reshape(feats.shape[0], -1, feats.shape[1])
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU raises ``BankBuildError``."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BankBuildError(f"--device {device} requested but CUDA is not available here; use --device cpu or auto")
+    return torch.device(device)
+
+
+def patch_grid(width: int, height: int, first_layer: str, stride: int) -> tuple[int, int]:
+    """``(rows, cols)`` of sampled patches for an input of ``width x height`` (ResNet conv arithmetic).
+
+    Every stride-2 stage (conv1, maxpool, then layer2..4) maps ``n`` to ``(n - 1) // 2 + 1``.
+    """
+    halvings = 2 + _STAGES.index(first_layer) - _STAGES.index("layer1")
+    rows, cols = height, width
+    for _ in range(halvings):
+        rows, cols = (rows - 1) // 2 + 1, (cols - 1) // 2 + 1
+    return -(-rows // stride), -(-cols // stride)

@@ -1,0 +1,120 @@
+"""Build options with their defaults, the layer vocabulary, and the errors this package raises.
+
+No heavy imports here: the DAG and ``validate_bank`` read these without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+LAYER_CHANNELS = {"layer2": 512, "layer3": 1024, "layer4": 2048}
+"""torchvision ResNet50 stages the service understands, shallow to deep, with their channels."""
+
+EXTRACTOR_VERSION = "inspection_refresh.patchcore/1"
+"""Bumped whenever extraction changes in a way that changes the features."""
+
+
+class BankBuildError(RuntimeError):
+    """A bank could not be built; the message names the file or directory and what to do."""
+
+
+class BankValidationError(ValueError):
+    """A bank directory does not hold what the service expects; the message says what is wrong."""
+
+
+def parse_layers(layers: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``"layer3,layer2"`` / ``"layer2 layer3"`` / a list -> ``["layer2", "layer3"]`` (shallow to deep).
+
+    The contract upsamples every layer to the *first* layer's grid and concatenates in
+    order; sorting by depth makes the first layer the shallowest and the recorded list
+    unambiguous. Raises ``BankBuildError`` for unknown or repeated names.
+    """
+    if isinstance(layers, str):
+        names = [part for part in layers.replace(",", " ").split() if part]
+    else:
+        names = [part.strip() for item in layers for part in str(item).replace(",", " ").split() if part.strip()]
+    if not names:
+        raise BankBuildError("no layers given; use e.g. --layers layer2,layer3")
+    unknown = [name for name in names if name not in LAYER_CHANNELS]
+    if unknown:
+        raise BankBuildError(
+            f"unknown layer name(s) {', '.join(map(repr, unknown))}; "
+            f"the service supports {', '.join(LAYER_CHANNELS)} of torchvision resnet50"
+        )
+    if len(set(names)) != len(names):
+        raise BankBuildError(f"layer listed twice in {names}; give each layer once")
+    order = list(LAYER_CHANNELS)
+    return sorted(names, key=order.index)
+
+
+def feature_dim(layers: list[str]) -> int:
+    """Channels of the concatenated feature for ``layers`` (e.g. 1536 for layer2+layer3)."""
+    return sum(LAYER_CHANNELS[name] for name in layers)
+
+
+@dataclass
+class BuildOptions:
+    """How one bank is built. Defaults match the service's old ``build_bank.py``.
+
+    ``coreset``: a ratio of patches in (0, 1] or an absolute count (> 1).
+    ``weights``: ``"imagenet"`` (torchvision ResNet50 IMAGENET1K_V1 from its cache or the
+    network), a path to a ``state_dict`` checkpoint, or ``"random"`` (seeded random init,
+    for offline demos and tests only; such a bank is labelled as random in its config).
+    ``holdout``: fraction of normal images held out to calibrate tau (at least one image).
+    ``batch_size``: images per forward pass; 0 picks 1 on CPU (faster there: the
+    activations of one 512 px image already overflow the caches) and 8 on CUDA.
+    """
+
+    shorter: int = 512
+    stride: int = 2
+    layers: list[str] = field(default_factory=lambda: ["layer2", "layer3"])
+    coreset: float = 0.1
+    reservoir_max: int = 200_000
+    seed: int = 0
+    pixel_pct: float = 99.0
+    image_pct: float = 99.0
+    weights: str = "imagenet"
+    device: str = "auto"
+    batch_size: int = 0
+    holdout: float = 0.2
+    projection_dim: int = 128
+
+    def __post_init__(self) -> None:
+        self.layers = parse_layers(self.layers)
+        problems = []
+        if self.shorter < 32:
+            problems.append(f"shorter must be >= 32 (got {self.shorter})")
+        if self.stride < 1:
+            problems.append(f"stride must be >= 1 (got {self.stride})")
+        if not (self.coreset > 0 and math.isfinite(self.coreset)):
+            problems.append(f"coreset must be a ratio in (0, 1] or a count > 1 (got {self.coreset})")
+        elif self.coreset > 1 and self.coreset != int(self.coreset):
+            problems.append(f"coreset above 1 is a patch count and must be whole (got {self.coreset})")
+        if self.reservoir_max < 1:
+            problems.append(f"reservoir_max must be >= 1 (got {self.reservoir_max})")
+        for name in ("pixel_pct", "image_pct"):
+            if not 0 < getattr(self, name) <= 100:
+                problems.append(f"{name} must be in (0, 100] (got {getattr(self, name)})")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            problems.append(f"device must be auto, cpu or cuda (got {self.device!r})")
+        if self.batch_size < 0:
+            problems.append(f"batch_size must be >= 0 (got {self.batch_size})")
+        if not 0 < self.holdout < 1:
+            problems.append(f"holdout must be in (0, 1) (got {self.holdout})")
+        if self.projection_dim < 1:
+            problems.append(f"projection_dim must be >= 1 (got {self.projection_dim})")
+        if problems:
+            raise BankBuildError("invalid PatchCore options: " + "; ".join(problems))
+
+    def coreset_size(self, num_patches: int) -> int:
+        """Bank rows for ``num_patches`` candidates: ``ceil(ratio * n)`` or the count, at most ``n``, at least 1."""
+        if self.coreset <= 1:
+            wanted = math.ceil(self.coreset * num_patches)
+        else:
+            wanted = int(self.coreset)
+        return max(1, min(num_patches, wanted))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
