@@ -19,9 +19,8 @@ try:
 except ImportError:  # older Task SDKs
     from airflow.exceptions import AirflowFailException
 
-# The script's stdout and stderr also go to a per-product log file, which the
-# register task reads to say why a build failed. The last stdout line (the
-# builder's PATCHCORE_SUMMARY) is the task's XCom.
+# The script's stdout and stderr also go to a per-product log file: publish reads
+# the builder's PATCHCORE_SUMMARY line from it, register the error of a failed build.
 BUILD_COMMAND = 'set -o pipefail; bash "$PATCHCORE_SCRIPT" 2>&1 | tee "$PATCHCORE_LOG"'
 
 DOC_MD = """
@@ -115,19 +114,18 @@ with DAG(
 
         @task(map_index_template="{{ product_code }}", retries=0, outlets=[BANKS],
               execution_timeout=timedelta(minutes=10))
-        def publish(product: dict, build_output: str | None) -> dict:
+        def publish(product: dict) -> dict:
             context = get_current_context()
             context["product_code"] = product["product_code"]
             with fail_permanent_errors():
-                result = pipeline.publish_product(current_run(), product, build_output)
+                result = pipeline.publish_product(current_run(), product)
             # One asset event per published bank, even if another product of the run fails.
             context["outlet_events"][BANKS].add(
                 Asset(name=f"patchcore_bank_{product['product_code']}", group="patchcore_bank"),
                 extra={k: result.get(k) for k in ("version", "path", "bank_size", "feature_dim", "tau", "auroc")})
             return result
 
-        env >> build
-        publish(product, build.output)
+        env >> build >> publish(product)
 
     @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=5))
     def register() -> dict:

@@ -14,6 +14,8 @@ class DagRunResult:
     run_id: str
     task_states: dict[str, str]
     """task_id (``task_id[map_index]`` for mapped tasks) -> final state."""
+    labels: dict[str, str | None]
+    """``task_id[map_index]`` -> the label the UI shows for that mapped task instance."""
 
 
 def run_dag(dag_id: str, conf: dict | None = None) -> DagRunResult:
@@ -30,7 +32,8 @@ def run_dag(dag_id: str, conf: dict | None = None) -> DagRunResult:
             TaskInstance.dag_id == dag_id, TaskInstance.run_id == dag_run.run_id).all()
         states = {(ti.task_id if ti.map_index < 0 else f"{ti.task_id}[{ti.map_index}]"): str(ti.state)
                   for ti in tis}
-    return DagRunResult(state=str(dag_run.state), run_id=dag_run.run_id, task_states=states)
+        labels = {f"{ti.task_id}[{ti.map_index}]": ti.rendered_map_index for ti in tis if ti.map_index >= 0}
+    return DagRunResult(state=str(dag_run.state), run_id=dag_run.run_id, task_states=states, labels=labels)
 
 
 def asset_events(asset_name: str) -> list[dict]:

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 DEPLOY_TYPE = "patchcore_create"
 PIPELINE = "patchcore"
 BUNDLED_SCRIPT = Path(__file__).resolve().parents[1] / "build_patchcore.sh"
-SUMMARY_MARK = "PATCHCORE_SUMMARY "
+SUMMARY_MARK = "PATCHCORE_SUMMARY "  # the builder's last stdout line, kept in the build log
 LAYERS = ("layer2", "layer3", "layer4")
 
 
@@ -209,9 +209,9 @@ def parse_build_summary(text: str | None) -> dict[str, Any] | None:
     return None
 
 
-def publish_product(run: PatchcoreRun, product: dict[str, Any], build_output: str | None) -> dict[str, Any]:
+def publish_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any]:
     """Validate the staged bank against what was asked, add ``ok/``, publish it atomically."""
-    from inspection_refresh.patchcore.validate import validate_bank
+    from inspection_refresh.patchcore.bank import validate_bank
 
     code = product["product_code"]
     with record_stage(run.product_dir(code), "publish") as stage:
@@ -223,7 +223,8 @@ def publish_product(run: PatchcoreRun, product: dict[str, Any], build_output: st
         except BaseException:
             run.publisher.discard(staging)
             raise
-        summary = parse_build_summary(build_output) or {}
+        build_log = run.product_dir(code) / "build.log"
+        summary = parse_build_summary(build_log.read_text(errors="replace") if build_log.exists() else None) or {}
         stage.facts = {**summary, **facts, "version": release.version, "path": str(run.publisher.live_path(code))}
         log.info("Product %s: bank version %s published at %s", code, release.version, stage.facts["path"])
         return stage.facts

@@ -1,0 +1,119 @@
+"""patchcore_memory_bank end to end through ``dag.test()``: one product publishes, one fails.
+
+Real parts: the NCP-like S3 server, MariaDB (products + deployment_logs), a migrated
+Airflow DB, the BashOperator running build_patchcore.sh, torchvision and FAISS.
+The backbone has random-init weights (ImageNet weights cannot be downloaded here).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import pytest
+
+from tests.integration.dag_runner import asset_events, run_dag
+
+pytestmark = pytest.mark.slow
+
+
+def jpeg(product_index: int, seed: int, defect: str | None = None, size=(256, 256)) -> bytes:
+    from inspection_refresh.demo.samples import render_defect, render_normal
+
+    image = render_defect(product_index, seed, defect, size=size) if defect else render_normal(
+        product_index, seed, size=size)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def env(s3_server, mysql_database, airflow_db, sql, tmp_path, monkeypatch):
+    from inspection_refresh.registry import CREATE_PRODUCTS
+    from inspection_refresh.storage import ObjectStorage
+
+    bucket = f"pc-{uuid.uuid4().hex[:10]}"
+    monkeypatch.setenv("INSPECTION_BUCKET", bucket)
+    monkeypatch.setenv("INSPECTION_PATCHCORE_ROOT", str(tmp_path / "patchCore"))
+    monkeypatch.setenv("INSPECTION_CACHE_ROOT", str(tmp_path / "cache"))
+    storage = ObjectStorage(bucket=bucket)
+    storage.client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "kr-standard"})
+    sql("DROP TABLE IF EXISTS products")
+    sql(CREATE_PRODUCTS)
+    sql("INSERT INTO products (product_id, product_code, product_name, is_active) VALUES "
+        "(11, 'TEX01', 'Textured panel', 1), (12, 'EMPTY02', 'Nothing uploaded', 1), (13, 'OLD03', 'Retired', 0)")
+    put = lambda key, body: storage.client.put_object(Bucket=bucket, Key=key, Body=body)  # noqa: E731
+    for seq in range(8):
+        put(f"images/normal/11/TEX01_OK_{seq:03d}.jpg", jpeg(0, seq))
+    for type_id, defect in enumerate(("scratch", "hole", "stain"), start=1):
+        put(f"images/defect/11_{type_id}/TEX01_D{type_id}_001.jpg", jpeg(0, 500 + type_id, defect))
+    put("images/normal/12/", b"")  # a folder marker and nothing else
+    yield {"root": tmp_path / "patchCore", "sql": sql}
+    sql("DROP TABLE products")
+
+
+def test_one_product_fails_the_other_publishes_and_history_says_so(env):
+    from inspection_refresh.publish import Publisher
+
+    # EMPTY02 had a working bank before this run: it must stay live.
+    publisher = Publisher(env["root"])
+    staging = publisher.stage("EMPTY02")
+    (staging / "memory_bank.pt").write_bytes(b"previous bank")
+    publisher.publish("EMPTY02", staging, "20260101T000000000000Z")
+
+    result = run_dag("patchcore_memory_bank", {"shorter": 128, "coreset": 0.1})
+    assert result.state == "failed"
+    states = result.task_states
+    assert states["list_products"] == "success"
+    assert sorted(k for k in states if k.startswith("product.prepare")) == ["product.prepare[0]", "product.prepare[1]"]
+    assert states["product.publish[0]"] == "success" and states["product.prepare[1]"] == "failed"
+    assert states["register"] == "failed"
+    assert result.labels["product.prepare[0]"] == "TEX01" and result.labels["product.prepare[1]"] == "EMPTY02"
+    assert result.labels["product.build[0]"] == "TEX01" and result.labels["product.publish[0]"] == "TEX01"
+
+    bank = env["root"] / "TEX01"
+    import torch
+
+    memory_bank = torch.load(bank / "memory_bank.pt")
+    config = json.loads((bank / "bank_config.json").read_text())
+    tau = json.loads((bank / "tau.json").read_text())
+    assert memory_bank.dtype == torch.float32 and memory_bank.ndim == 2
+    assert memory_bank.shape[1] == config["feature_dim"] == 512 + 1024
+    assert config["layers"] == ["layer2", "layer3"] and config["shorter"] == 128 and config["stride"] == 2
+    assert 0 < tau["image"] and 0 < tau["pixel"]
+    assert len(list((bank / "ok").glob("*.jpg"))) == 8
+    assert (bank / "score_histogram.png").is_file()
+    assert (env["root"] / "EMPTY02" / "memory_bank.pt").read_bytes() == b"previous bank"
+
+    rows = env["sql"]("SELECT * FROM deployment_logs WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s",
+                      (result.run_id,))
+    assert len(rows) == 1
+    row = rows[0]
+    data = json.loads(row["result_data"])
+    assert row["deploy_type"] == "patchcore_create" and row["status"] == "failed"
+    assert "EMPTY02 at download" in row["result_message"] and "no normal images" in row["result_message"]
+    assert "Published: TEX01" in row["result_message"]
+    assert set(data["products"]) == {"TEX01", "EMPTY02"}  # OLD03 is inactive
+    tex = data["products"]["TEX01"]
+    assert tex["status"] == "published" and tex["num_images"] == 8
+    assert tex["bank_size"] == memory_bank.shape[0] and tex["feature_dim"] == 1536
+    assert tex["tau"] == tau and tex["auroc"] is not None and tex["seconds"] > 0
+    assert data["products"]["EMPTY02"]["status"] == "failed"
+
+    events = asset_events("patchcore_bank_TEX01")
+    assert events and events[-1]["bank_size"] == memory_bank.shape[0]
+
+
+def test_a_failing_build_script_keeps_the_old_bank_and_names_the_error(env, tmp_path):
+    script = tmp_path / "broken_build.sh"
+    script.write_text('#!/usr/bin/env bash\necho "building $PRODUCT_CODE"\n'
+                      'echo "ERROR: GPU out of memory while building $PRODUCT_CODE" >&2\nexit 3\n')
+    result = run_dag("patchcore_memory_bank", {"products": ["TEX01"], "script": str(script), "shorter": 128})
+    assert result.state == "failed"
+    assert result.task_states["product.build[0]"] == "failed"
+    row = env["sql"]("SELECT * FROM deployment_logs WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s",
+                     (result.run_id,))[0]
+    assert "TEX01 at build: ERROR: GPU out of memory while building TEX01" in row["result_message"]
+    assert not (env["root"] / "TEX01").exists()
+    assert not list((env["root"] / ".releases" / "TEX01").glob(".staging-*"))
