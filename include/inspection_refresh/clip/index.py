@@ -304,9 +304,11 @@ def verify_index(index_dir: str | os.PathLike[str]) -> dict:
     except (KeyError, TypeError, ValueError) as exc:
         raise IndexVerificationError(manifest_path, f"lacks or garbles a required field ({exc})") from None
 
+    if not isinstance(files, dict):
+        raise IndexVerificationError(manifest_path, "'files' is not an object of file name -> {sha256, bytes}")
     for name in SERVICE_FILES:
         path = root / name
-        if name not in files:
+        if not isinstance(files.get(name), dict):
             raise IndexVerificationError(manifest_path, f"does not list {name}")
         if not path.is_file():
             raise IndexVerificationError(path, "missing")

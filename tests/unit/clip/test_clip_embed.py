@@ -177,3 +177,15 @@ def test_first_batch_is_small_and_batches_cover_everything():
     assert [len(b) for b in embed._batches(100, 32)] == [8, 32, 32, 28]
     assert sum(embed._batches(100, 32), []) == list(range(100))
     assert embed._batches(5, 2) == [[0, 1], [2, 3], [4]]
+    two_lanes = [len(b) for b in embed._batches(650, 32, lanes=2)]
+    assert two_lanes == [8, 8] + [32] * 18 + [29, 29] and sum(two_lanes) == 650
+    assert [len(b) for b in embed._batches(100, 32, lanes=2)] == [8, 8, 42, 42]
+    assert [len(b) for b in embed._batches(3, 32, lanes=4)] == [3]
+
+
+def test_lanes_and_workers_give_the_same_vectors(clip_model, image_paths):
+    reference = embed_files(image_paths, clip_model, batch_size=3, num_workers=0, lanes=1)
+    for workers, lanes in ((0, 2), (1, 2), (2, 1)):
+        other = embed_files(image_paths, clip_model, batch_size=3, num_workers=workers, lanes=lanes)
+        assert other.ok_indices == reference.ok_indices
+        np.testing.assert_allclose(other.vectors, reference.vectors, atol=1e-5)
