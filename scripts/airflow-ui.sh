@@ -4,11 +4,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-ensure_system_packages
-ensure_venv
-ensure_mysql
-ensure_s3 "${INSPECTION_S3_PORT:-9000}"
-airflow_env
+ensure_local_stack
 python -m inspection_refresh.dev.demo seed
 say "Starting Airflow standalone on http://localhost:8080 (Ctrl-C stops it)"
 exec airflow standalone

@@ -7,11 +7,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-ensure_system_packages
-ensure_venv
-ensure_mysql
-ensure_s3 "${INSPECTION_S3_PORT:-9000}"
-airflow_env
+ensure_local_stack
 
 say "Seeding sample products into the local object storage and database"
 python -m inspection_refresh.dev.demo seed

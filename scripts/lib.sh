@@ -89,11 +89,15 @@ ensure_mysql() {
   nohup "$server" --no-defaults --datadir="$datadir" --port="$INSPECTION_MYSQL_PORT" --bind-address=127.0.0.1 \
     --socket="$STATE/mariadb.sock" --pid-file="$STATE/mariadb.pid" --user="$(id -un)" \
     >"$STATE/mariadb.log" 2>&1 &
-  for _ in $(seq 60); do
-    port_open 127.0.0.1 "$INSPECTION_MYSQL_PORT" && return
-    sleep 1
+  wait_for_port "$INSPECTION_MYSQL_PORT" "MariaDB" "$STATE/mariadb.log"
+}
+
+wait_for_port() {  # port what logfile
+  for _ in $(seq 120); do
+    port_open 127.0.0.1 "$1" && return
+    sleep 0.5
   done
-  echo "MariaDB did not start; see $STATE/mariadb.log" >&2
+  echo "$2 did not start on port $1; see $3" >&2
   return 1
 }
 
@@ -106,12 +110,16 @@ ensure_s3() {
   nohup "$PY" -m inspection_refresh.dev.ncp_emulator --port "$port" --access-key "${INSPECTION_S3_ACCESS_KEY:-local-access-key}" \
     >"$STATE/s3.log" 2>&1 &
   echo $! > "$STATE/s3.pid"
-  for _ in $(seq 60); do
-    port_open 127.0.0.1 "$port" && return
-    sleep 0.5
-  done
-  echo "The local object storage did not start; see $STATE/s3.log" >&2
-  return 1
+  wait_for_port "$port" "The local object storage" "$STATE/s3.log"
+}
+
+# Everything demo.sh and airflow-ui.sh need: packages, venv, MariaDB, S3, Airflow.
+ensure_local_stack() {
+  ensure_system_packages
+  ensure_venv
+  ensure_mysql
+  ensure_s3 "${INSPECTION_S3_PORT:-9000}"
+  airflow_env
 }
 
 stop_services() {

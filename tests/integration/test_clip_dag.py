@@ -8,7 +8,6 @@ here); the checks are about the pipeline and the formats, not about similarity.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import uuid
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.dag_runner import asset_events, run_dag
+from tests.samples import sample_jpeg
 
 pytestmark = pytest.mark.slow
 
@@ -24,13 +24,7 @@ SIZE = (320, 240)
 
 
 def jpeg(product_index: int, seed: int, defect: str | None = None) -> bytes:
-    from inspection_refresh.demo.samples import render_defect, render_normal
-
-    image = render_defect(product_index, seed, defect, size=SIZE) if defect else render_normal(
-        product_index, seed, size=SIZE)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
+    return sample_jpeg(product_index, seed, defect, size=SIZE)
 
 
 @pytest.fixture

@@ -7,25 +7,15 @@ The backbone has random-init weights (ImageNet weights cannot be downloaded here
 
 from __future__ import annotations
 
-import io
 import json
 import uuid
 
 import pytest
 
 from tests.integration.dag_runner import asset_events, run_dag
+from tests.samples import sample_jpeg
 
 pytestmark = pytest.mark.slow
-
-
-def jpeg(product_index: int, seed: int, defect: str | None = None, size=(256, 256)) -> bytes:
-    from inspection_refresh.demo.samples import render_defect, render_normal
-
-    image = render_defect(product_index, seed, defect, size=size) if defect else render_normal(
-        product_index, seed, size=size)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=90)
-    return buffer.getvalue()
 
 
 @pytest.fixture
@@ -45,9 +35,9 @@ def env(s3_server, mysql_database, airflow_db, sql, tmp_path, monkeypatch):
         "(11, 'TEX01', 'Textured panel', 1), (12, 'EMPTY02', 'Nothing uploaded', 1), (13, 'OLD03', 'Retired', 0)")
     put = lambda key, body: storage.client.put_object(Bucket=bucket, Key=key, Body=body)  # noqa: E731
     for seq in range(8):
-        put(f"images/normal/11/TEX01_OK_{seq:03d}.jpg", jpeg(0, seq))
+        put(f"images/normal/11/TEX01_OK_{seq:03d}.jpg", sample_jpeg(0, seq))
     for type_id, defect in enumerate(("scratch", "hole", "stain"), start=1):
-        put(f"images/defect/11_{type_id}/TEX01_D{type_id}_001.jpg", jpeg(0, 500 + type_id, defect))
+        put(f"images/defect/11_{type_id}/TEX01_D{type_id}_001.jpg", sample_jpeg(0, 500 + type_id, defect))
     put("images/normal/12/", b"")  # a folder marker and nothing else
     yield {"root": tmp_path / "patchCore", "sql": sql}
     sql("DROP TABLE products")
