@@ -35,6 +35,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from inspection_refresh.config import get_settings
+from inspection_refresh.files import write_json_atomic
 from inspection_refresh.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -474,9 +475,7 @@ def _read_state(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _write_state(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, sort_keys=True))
-    os.replace(tmp, path)
+    write_json_atomic(path, state, indent=None, fsync=False)
 
 
 def _prune_empty_dirs(root: Path) -> None:

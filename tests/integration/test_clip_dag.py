@@ -141,7 +141,7 @@ def test_defect_index_records_defect_metadata(env):
     records = json.loads((env["root"] / "defect" / "metadata.json").read_text())["metadata"]
     assert [(r["product_id"], r["defect_type_id"], r["defect_code"], r["image_type"]) for r in records] == [
         (1, 1, "D1", "defect"), (1, 2, "D2", "defect"), (1, 3, "D3", "defect")]
-    assert records[0]["storage_url"].endswith(f"/images/defect/1_1/BRKT01_D1_000.jpg")
+    assert records[0]["storage_url"].endswith("/images/defect/1_1/BRKT01_D1_000.jpg")
 
 
 def test_unchanged_images_skip_the_rebuild_visibly(env):

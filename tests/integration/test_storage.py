@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import urllib.request
-from pathlib import Path
 
 import pytest
 from botocore.exceptions import ClientError

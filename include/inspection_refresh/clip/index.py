@@ -23,10 +23,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
+
+from inspection_refresh.files import atomic_write, write_json_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -89,32 +90,11 @@ def _sha256(path: Path) -> str:
 
 
 def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """``write(tmp_name)`` in ``path``'s directory, fsync, then ``os.replace`` onto ``path``."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda tmp: write(str(tmp)))
 
 
 def _write_json(path: Path, data: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f, ensure_ascii=False, indent=2)
-            f.write("\n")
-
-    _write_atomic(path, write)
+    write_json_atomic(path, data)
 
 
 def _torch_save_stable(obj: Any, path: str) -> None:

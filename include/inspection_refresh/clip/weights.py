@@ -25,9 +25,10 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from importlib import metadata
 from pathlib import Path
+
+from inspection_refresh.files import atomic_write, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -53,26 +54,11 @@ def sidecar_path(checkpoint: str | os.PathLike[str]) -> Path:
 
 
 def _atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path`` (same directory, so atomic)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, write, fsync=False)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:
-    _atomic_write_bytes(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True)))
+    write_json_atomic(path, data, fsync=False)
 
 
 def _read_sidecar(checkpoint: Path) -> dict:

@@ -159,7 +159,7 @@ def embed(run: ClipRun) -> dict[str, Any]:
         if is_random_checkpoint(run.pretrained):
             log.warning("Embedding with RANDOM-INIT weights from %s: similarity scores are meaningless "
                         "(offline demo/test checkpoint, not for the service)", run.pretrained)
-        model = load_model(run.model, run.pretrained, run.device)
+        model = load_model(run.model, run.pretrained, run.device, lazy=True)  # loads only if a miss needs it
         cache = None if run.full_rebuild else EmbeddingCache(run.settings.cache_root / PIPELINE / "embeddings")
         result = embed_files([Path(item["path"]) for item in inventory], model, batch_size=run.batch_size,
                              cache=cache, progress_label=f"Embedding {run.index_type} images")

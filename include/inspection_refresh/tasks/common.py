@@ -9,6 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from inspection_refresh.files import write_json_atomic
+
 
 class NothingToDo(Exception):
     """The run has nothing to deploy (e.g. a scheduled run with unchanged images); the DAG skips."""
@@ -31,12 +33,8 @@ def remove_run_work_dir(cache_root: Path, pipeline: str, run_id: str) -> None:
 
 
 def write_json(path: Path, data: Any) -> Path:
-    """Write JSON atomically (tmp + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str))
-    os.replace(tmp, path)
-    return path
+    """Write a run's work file atomically (scratch data: no fsync)."""
+    return write_json_atomic(path, data, indent=1, fsync=False)
 
 
 def read_json(path: str | os.PathLike) -> Any:
