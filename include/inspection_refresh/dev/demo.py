@@ -158,19 +158,25 @@ def report() -> str:
         else:
             lines.append(f"  {clip.live_path(index_type)}: not published")
     banks = Publisher(settings.patchcore_root)
+    registry = DeploymentRegistry()
+    latest = next(iter(registry.history(limit=1, deploy_type="patchcore_create")), None)
+    built = ((latest or {}).get("result_data") or {}).get("products", {})
     codes = sorted(p.name for p in settings.patchcore_root.glob("*") if p.is_symlink())
-    lines.append("PatchCore banks (<root>/<product_code>/):")
-    for code in codes or ["(none)"]:
-        if code == "(none)":
-            lines.append("  none published")
-            continue
+    lines.append("PatchCore banks (<root>/<product_code>/; AUROC on held-out normal vs labelled defect images):")
+    if not codes:
+        lines.append("  none published")
+    for code in codes:
         bank = banks.live_path(code)
         config = json.loads((bank / "bank_config.json").read_text())
         tau = json.loads((bank / "tau.json").read_text())
-        lines.append(f"  {bank} -> version {banks.current(code)}: bank {config.get('bank_size')} x "
-                     f"{config.get('feature_dim')}, tau image {tau['image']:.4f} pixel {tau['pixel']:.4f}")
+        run = built.get(code, {})
+        auroc = f"{run['auroc']:.3f}" if isinstance(run.get("auroc"), (int, float)) else "n/a"
+        seconds = f"{run['seconds']:.0f}s" if isinstance(run.get("seconds"), (int, float)) else "n/a"
+        lines.append(f"  {code}: bank {config.get('bank_size')} x {config.get('feature_dim')}, "
+                     f"tau image {tau['image']:.4f} / pixel {tau['pixel']:.4f}, build {seconds}, AUROC {auroc}, "
+                     f"histogram {bank / 'score_histogram.png'}")
     lines.append("Deployment history (deployment_logs, newest first):")
-    for row in DeploymentRegistry().history(limit=10):
+    for row in registry.history(limit=10):
         lines.append(f"  #{row['deploy_id']:<4} {row['deploy_type']:<17} {row['status']:<10} "
                      f"{row['started_at']}  {row['result_message']}")
     return "\n".join(lines)
