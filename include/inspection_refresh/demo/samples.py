@@ -142,7 +142,8 @@ def _box(cx: float, cy: float, half: float, shape: tuple[int, ...]) -> tuple[sli
     return slice(top, bottom), slice(left, right), y, x
 
 
-def _blend(img: np.ndarray, rows: slice, cols: slice, alpha: np.ndarray, target: np.ndarray, darken: np.ndarray | float = 0.0) -> None:
+def _blend(img: np.ndarray, rows: slice, cols: slice, alpha: np.ndarray, target: np.ndarray,
+           darken: np.ndarray | float = 0.0) -> None:
     """In place: ``patch * (1 - darken)``, then move it towards ``target`` by ``alpha`` (all in [0, 1])."""
     patch = img[rows, cols].astype(np.float32) / np.float32(255.0)
     if np.ndim(darken):

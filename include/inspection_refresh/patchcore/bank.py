@@ -87,7 +87,8 @@ def validate_bank(bank_dir: Path | str, expected: dict[str, Any] | None = None) 
     except Exception as exc:
         raise BankValidationError(f"cannot load {bank_dir / BANK_FILE} with torch.load: {exc}") from exc
     if not isinstance(bank, torch.Tensor) or bank.dtype != torch.float32 or bank.dim() != 2 or bank.shape[0] < 1:
-        kind = f"{bank.dtype} tensor of shape {tuple(bank.shape)}" if isinstance(bank, torch.Tensor) else type(bank).__name__
+        kind = (f"{bank.dtype} tensor of shape {tuple(bank.shape)}" if isinstance(bank, torch.Tensor)
+                else type(bank).__name__)
         raise BankValidationError(f"{bank_dir / BANK_FILE} holds a {kind}; expected a float32 Tensor[M >= 1, D]")
     dim = feature_dim(layers)
     if bank.shape[1] != dim or config.get("feature_dim", dim) != dim:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -65,11 +66,10 @@ def build_product(
     "weights"}``. Raises ``BankBuildError`` with a message naming the file or directory.
     """
     from inspection_refresh.patchcore.bank import write_bank
-    from inspection_refresh.patchcore.calibration import (
-        NearestNeighbourScorer, auroc, calibrate_tau, image_score, plot_histogram)
+    from inspection_refresh.patchcore.calibration import NearestNeighbourScorer, image_score, plot_histogram
     from inspection_refresh.patchcore.coreset import KCenterGreedy
     from inspection_refresh.patchcore.features import (
-        IMAGENET_MEAN, IMAGENET_STD, PatchFeatureExtractor, load_resnet50, patch_grid, resolve_device)
+        PatchFeatureExtractor, load_resnet50, patch_grid, resolve_device)
     from inspection_refresh.patchcore.reservoir import PatchReservoir
 
     started = time.monotonic()
@@ -85,10 +85,7 @@ def build_product(
             "(some are held out to calibrate tau): add the product's normal images there"
         )
     calib, holdout = _split(normals, options.holdout, options.seed)
-    defects: list[ImageInfo] = []
-    for directory in defect_dirs:
-        found, _ = _readable_images(Path(directory), options.shorter, "defect", allow_empty=True)
-        defects += found
+    defects = [info for d in defect_dirs for info in _readable_images(Path(d), options.shorter, "defect", True)[0]]
     log.info("%s %d normal images (%d calibration-bank, %d held out), %d skipped, %d defect images",
              tag, len(normals), len(calib), len(holdout), skipped, len(defects))
 
@@ -97,12 +94,17 @@ def build_product(
     extractor = PatchFeatureExtractor(backbone, options.layers, options.stride).to(device)
     del backbone
     batch_size = options.batch_size or (8 if device.type == "cuda" else 1)
-    expected = sum(np.prod(patch_grid(*info.size, options.layers[0], options.stride)) for info in normals)
-    reservoir = PatchReservoir(options.reservoir_max, extractor.feature_dim, options.seed, expected=int(expected))
+
+    def extract(images: list[ImageInfo], stage: str) -> Iterator[np.ndarray]:
+        return _extract(extractor, images, options.shorter, batch_size, device, f"{tag} features ({stage})")
+
+    expected = sum(int(np.prod(patch_grid(*info.size, options.layers[0], options.stride))) for info in normals)
+    reservoir = PatchReservoir(options.reservoir_max, extractor.feature_dim, options.seed, expected=expected)
     sampler = KCenterGreedy(options.projection_dim, options.seed)
 
+    # 1. Calibration-bank images -> reservoir -> calibration bank (a coreset of them only).
     used_calib = 0
-    for _, feats in _extract(extractor, calib, options.shorter, batch_size, device, f"{tag} features (calibration bank)"):
+    for feats in extract(calib, "calibration bank"):
         reservoir.add(feats)
         used_calib += 1
     if not used_calib:
@@ -111,95 +113,100 @@ def build_product(
     calib_size = _coreset_size(options, reservoir.size, used_calib / len(normals))
     calib_bank = reservoir.features[_select(sampler, reservoir.features, calib_size, f"{tag} coreset (calibration)")]
     scorer = NearestNeighbourScorer(calib_bank)
-
-    holdout_distances: list[np.ndarray] = []
-    for _, feats in _extract(extractor, holdout, options.shorter, batch_size, device, f"{tag} features (held out)"):
+    # 2. Held-out normals: scored against the calibration bank, then pooled for the final bank.
+    holdout_distances = []
+    for feats in extract(holdout, "held out"):
         holdout_distances.append(scorer.distances(feats))
         reservoir.add(feats)
     if not holdout_distances:
         raise BankBuildError(f"none of the held-out images in {ok_dir} could be decoded; check the files")
-    defect_scores = [
-        image_score(scorer.distances(feats))
-        for _, feats in _extract(extractor, defects, options.shorter, batch_size, device, f"{tag} features (defect)")
-    ]
-    del scorer
-    tau = calibrate_tau(holdout_distances, options.pixel_pct, options.image_pct)
-    normal_scores = [image_score(d) for d in holdout_distances]
-    score_auroc = auroc(normal_scores, defect_scores) if defect_scores else None
-    num_images = used_calib + len(holdout_distances)
+    # 3. Defect images: scored only, never pooled.
+    defect_scores = [image_score(scorer.distances(feats)) for feats in extract(defects, "defect")]
+    calibration = _calibration(options, used_calib, calib_bank.shape[0], holdout_distances, defect_scores)
+    # 4. The published bank: a coreset of all normal images' patches.
+    bank = reservoir.features[_select(sampler, reservoir.features, _coreset_size(options, reservoir.size, 1.0),
+                                      f"{tag} coreset (bank)")]
 
-    bank_size = _coreset_size(options, reservoir.size, 1.0)
-    bank = reservoir.features[_select(sampler, reservoir.features, bank_size, f"{tag} coreset (bank)")]
+    num_images = used_calib + len(holdout_distances)
     config = {
         "layers": extractor.layers,
         "shorter": options.shorter,
         "stride": options.stride,
-        "backbone": "resnet50",
-        "backbone_source": "torchvision",
-        "weights": weights,
-        "feature_dim": extractor.feature_dim,
+        **_extraction_record(weights, extractor.feature_dim, device.type),
         "bank_size": int(bank.shape[0]),
-        "dtype": "float32",
-        "extractor_version": EXTRACTOR_VERSION,
-        "input": {"color": "RGB", "range": [0.0, 1.0], "resize": RESIZE_METHOD,
-                  "normalize_mean": list(IMAGENET_MEAN), "normalize_std": list(IMAGENET_STD)},
-        "feature_pooling": "each layer L2-normalised over channels, upsampled bilinearly (align_corners=False) "
-                           "to the first layer's grid, concatenated, every stride-th cell kept, L2-normalised again",
         "coreset": {
-            "method": "greedy_k_center",
-            "coreset": options.coreset,
-            "projection": "gaussian",
-            "projection_dim": options.projection_dim,
-            "seed": options.seed,
-            "candidates": int(reservoir.size),
-            "patches_seen": int(reservoir.seen),
-            "reservoir_max": options.reservoir_max,
+            "method": "greedy_k_center", "coreset": options.coreset, "projection": "gaussian",
+            "projection_dim": options.projection_dim, "seed": options.seed, "candidates": int(reservoir.size),
+            "patches_seen": int(reservoir.seen), "reservoir_max": options.reservoir_max,
             "reservoir_sampled": reservoir.sampled,
         },
-        "calibration": {
-            "method": "held-out normal images scored against a coreset of the other normal images",
-            "distance": "L2 to nearest bank patch (faiss IndexFlatL2, sqrt)",
-            "image_score": "99th percentile of the image's patch distances",
-            "holdout_fraction": options.holdout,
-            "num_calibration_bank_images": used_calib,
-            "num_holdout_images": len(holdout_distances),
-            "calibration_bank_size": int(calib_bank.shape[0]),
-            "pixel_pct": options.pixel_pct,
-            "image_pct": options.image_pct,
-            "tau": tau,
-            "holdout_image_scores": _describe(normal_scores),
-            "num_defect_images": len(defect_scores),
-            "defect_image_scores": _describe(defect_scores) if defect_scores else None,
-            "auroc": score_auroc,
-        },
+        "calibration": calibration,
         "product": product,
         "num_images": num_images,
         "num_skipped_images": skipped + (len(normals) - num_images),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "builder": f"inspection_refresh {__version__}",
     }
-    del reservoir
+    del reservoir, scorer
+    tau, score_auroc = calibration["tau"], calibration["auroc"]
+    normal_scores = [image_score(d) for d in holdout_distances]
     title = f"{product}: held-out image scores" + (f", AUROC {score_auroc:.3f}" if score_auroc is not None else "")
     write_bank(out_dir, bank, config, tau,
                lambda path: plot_histogram(path, normal_scores, defect_scores, tau["image"], title))
     summary = {
-        "product": product,
-        "status": "completed",
-        "num_images": num_images,
-        "num_skipped": config["num_skipped_images"],
-        "num_defect_images": len(defect_scores),
-        "bank_size": int(bank.shape[0]),
-        "feature_dim": extractor.feature_dim,
-        "tau": tau,
-        "auroc": score_auroc,
-        "seconds": round(time.monotonic() - started, 2),
-        "out_dir": str(out_dir),
-        "weights": weights["name"],
+        "product": product, "status": "completed", "num_images": num_images,
+        "num_skipped": config["num_skipped_images"], "num_defect_images": len(defect_scores),
+        "bank_size": int(bank.shape[0]), "feature_dim": extractor.feature_dim, "tau": tau, "auroc": score_auroc,
+        "seconds": round(time.monotonic() - started, 2), "out_dir": str(out_dir), "weights": weights["name"],
     }
     log.info("%s bank of %d x %d written to %s in %.1fs (tau pixel %.4f, image %.4f, AUROC %s)",
              tag, bank.shape[0], bank.shape[1], out_dir, summary["seconds"], tau["pixel"], tau["image"],
              "n/a" if score_auroc is None else f"{score_auroc:.3f}")
     return summary
+
+
+def _extraction_record(weights: dict[str, Any], feature_dim: int, device: str) -> dict[str, Any]:
+    """How features were extracted, beyond ``layers``/``shorter``/``stride``, for ``bank_config.json``."""
+    from inspection_refresh.patchcore.features import IMAGENET_MEAN, IMAGENET_STD
+
+    return {
+        "backbone": "resnet50",
+        "backbone_source": "torchvision",
+        "weights": weights,
+        "feature_dim": feature_dim,
+        "dtype": "float32",
+        "extractor_version": EXTRACTOR_VERSION,
+        "input": {"color": "RGB", "range": [0.0, 1.0], "resize": RESIZE_METHOD,
+                  "normalize_mean": list(IMAGENET_MEAN), "normalize_std": list(IMAGENET_STD)},
+        "feature_pooling": "each layer L2-normalised over channels, upsampled bilinearly (align_corners=False) "
+                           "to the first layer's grid, concatenated, every stride-th cell kept, L2-normalised again",
+        "inference": f"float32 on {device}; BatchNorm folded into convolutions and channels_last memory "
+                     "format (same function, float rounding differences only)",
+    }
+
+
+def _calibration(options: BuildOptions, calib_images: int, calib_bank_size: int,
+                 holdout_distances: list[np.ndarray], defect_scores: list[float]) -> dict[str, Any]:
+    """tau, AUROC and how they were obtained, for ``bank_config.json``."""
+    from inspection_refresh.patchcore.calibration import auroc, calibrate_tau, image_score
+
+    normal_scores = [image_score(d) for d in holdout_distances]
+    return {
+        "method": "held-out normal images scored against a coreset of the other normal images",
+        "distance": "L2 to nearest bank patch (faiss IndexFlatL2, sqrt)",
+        "image_score": "99th percentile of the image's patch distances",
+        "holdout_fraction": options.holdout,
+        "num_calibration_bank_images": calib_images,
+        "num_holdout_images": len(holdout_distances),
+        "calibration_bank_size": int(calib_bank_size),
+        "pixel_pct": options.pixel_pct,
+        "image_pct": options.image_pct,
+        "tau": calibrate_tau(holdout_distances, options.pixel_pct, options.image_pct),
+        "holdout_image_scores": _describe(normal_scores),
+        "num_defect_images": len(defect_scores),
+        "defect_image_scores": _describe(defect_scores) if defect_scores else None,
+        "auroc": auroc(normal_scores, defect_scores) if defect_scores else None,
+    }
 
 
 def build_root(root: Path | str, options: BuildOptions | None = None) -> list[dict[str, Any]]:
@@ -235,7 +242,8 @@ def run_product(ok_dir: Path, out_dir: Path, options: BuildOptions | None, defec
             "seconds": round(time.monotonic() - started, 2), "out_dir": str(out_dir)}
 
 
-def _readable_images(directory: Path, shorter: int, kind: str, allow_empty: bool = False) -> tuple[list[ImageInfo], int]:
+def _readable_images(directory: Path, shorter: int, kind: str,
+                     allow_empty: bool = False) -> tuple[list[ImageInfo], int]:
     """Images in ``directory`` whose headers PIL reads, and how many image files were skipped."""
     try:
         paths = list_images(directory)
@@ -275,8 +283,8 @@ def _select(sampler: Any, features: np.ndarray, size: int, label: str) -> np.nda
 
 
 def _extract(extractor: Any, images: list[ImageInfo], shorter: int, batch_size: int, device: Any,
-             label: str) -> Iterator[tuple[ImageInfo, np.ndarray]]:
-    """Yield ``(image, float32 [P, D] features)`` per decodable image; the next batch is decoded meanwhile.
+             label: str) -> Iterator[np.ndarray]:
+    """Yield ``float32 [P, D]`` features per decodable image, in order; the next batch is decoded meanwhile.
 
     Consecutive images of equal size share a forward pass (at most ``batch_size``).
     Undecodable files are logged with their name and skipped.
@@ -303,8 +311,8 @@ def _extract(extractor: Any, images: list[ImageInfo], shorter: int, batch_size: 
                 continue
             pixels = torch.from_numpy(np.stack([array for _, array in loaded])).permute(0, 3, 1, 2)
             feats = extractor(pixels.to(device)).cpu().numpy()
-            for (info, _), image_feats in zip(loaded, feats):
-                yield info, image_feats
+            for image_feats in feats:
+                yield image_feats
                 progress.update(1)
     progress.finish()
 
@@ -357,7 +365,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--holdout", type=float, default=defaults.holdout,
                         help="share of normal images held out to calibrate tau (default %(default)s)")
     parser.add_argument("--weights", default=defaults.weights,
-                        help="imagenet | random (offline demo/tests) | path to a resnet50 state_dict (default %(default)s)")
+                        help="imagenet | random (offline demo/tests) | path to a resnet50 state_dict "
+                             "(default %(default)s)")
     parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda (default %(default)s)")
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size,
                         help="images per forward pass; 0 = 1 on CPU, 8 on CUDA (default %(default)s)")
@@ -369,6 +378,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; returns the exit status (0 when every product completed)."""
+    # Before torch loads OpenMP: idle threads sleep instead of spinning, so a build sharing its
+    # CPUs with other work slows down in proportion instead of collapsing (measured 2.7x under load).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,

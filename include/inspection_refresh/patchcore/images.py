@@ -19,7 +19,8 @@ from PIL import Image, UnidentifiedImageError
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
-RESIZE_METHOD = "PIL bilinear, aspect kept, short side = shorter, long side = int(shorter * long / short) (= torchvision Resize(shorter) on PIL)"
+RESIZE_METHOD = ("PIL bilinear, aspect kept, short side = shorter, long side = int(shorter * long / short) "
+                 "(= torchvision Resize(shorter) on PIL)")
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+# As the CLI does (inspection_refresh.patchcore.build.main): OpenMP threads sleep rather than spin
+# when idle, so in-process builds on a busy shared machine do not slow down several-fold. Only
+# takes effect if torch was not imported yet; a value set by the caller wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from inspection_refresh.demo.samples import DEFECT_TYPES, render_defect, render_normal
 
 REPO = Path(__file__).resolve().parents[3]

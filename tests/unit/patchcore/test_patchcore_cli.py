@@ -34,7 +34,8 @@ def test_cli_ok_dir_out_dir(product_dirs: tuple[Path, Path], tmp_path: Path, sub
     assert summary["status"] == "completed" and summary["product"] == "P0" and summary["num_images"] == 8
     assert summary["auroc"] is not None and summary["out_dir"] == str(out)
     assert sorted(p.name for p in out.iterdir()) == sorted(BANK_FILES)
-    assert validate_bank(out, {"layers": ["layer2", "layer3"], "shorter": 96, "stride": 2})["bank_size"] == summary["bank_size"]
+    facts = validate_bank(out, {"layers": ["layer2", "layer3"], "shorter": 96, "stride": 2})
+    assert facts["bank_size"] == summary["bank_size"]
     assert "[P0] features (calibration bank)" in result.stderr  # progress lines go to stderr
 
 

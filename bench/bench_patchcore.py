@@ -1,0 +1,178 @@
+"""PatchCore benchmarks; writes ``bench/results/patchcore.json``.
+
+(a) ``build``: full builds of 4 products x 60 normal ~900x900 JPEGs (plus a few defect
+    images each, for AUROC) with default settings and ``--weights random``; every product
+    is built in its own subprocess, exactly as ``build_patchcore.sh`` runs it, and its wall
+    time and peak RSS (``os.wait4`` rusage of that child) are recorded.
+    Targets: all products in <= 120 s in total, every build's peak RSS < 2 GB.
+(b) ``coreset``: greedy k-center selection on 100,000 x 3,584 float32 random features at
+    ratio 0.02, in a subprocess. Targets: <= 15 s, peak RSS < 2 GB.
+
+Usage::
+
+    .venv/bin/python bench/bench_patchcore.py                 # both parts
+    .venv/bin/python bench/bench_patchcore.py --part coreset  # one part (the other's results are kept)
+
+Timings depend on what else runs on the machine; the load average is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results" / "patchcore.json"
+GB = 1024**3
+BUILD_TARGETS = {"total_seconds": 120.0, "peak_rss_bytes": 2 * GB}
+CORESET_TARGETS = {"seconds": 15.0, "peak_rss_bytes": 2 * GB}
+
+
+def run_measured(command: list[str], env: dict[str, str] | None = None, log_path: Path | None = None) -> dict:
+    """Run ``command``; return wall seconds, peak RSS of the child (bytes), exit code and stdout."""
+    stderr = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115 -- closed below
+    with tempfile.TemporaryFile("w+") as stdout:
+        started = time.perf_counter()
+        child = subprocess.Popen(command, stdout=stdout, stderr=stderr, env=env)
+        _, status, usage = os.wait4(child.pid, 0)
+        wall = time.perf_counter() - started
+        child.returncode = os.waitstatus_to_exitcode(status)
+        stdout.seek(0)
+        output = stdout.read()
+    if log_path:
+        stderr.close()
+    return {"seconds": round(wall, 2), "peak_rss_bytes": usage.ru_maxrss * 1024, "returncode": child.returncode,
+            "stdout": output}
+
+
+def make_dataset(root: Path, products: int, normals: int, defects: int) -> float:
+    """Write ``{root}/P{i}/ok`` and ``{root}/P{i}/defect`` JPEGs; returns the seconds it took."""
+    from inspection_refresh.demo.samples import DEFECT_TYPES, render_defect, render_normal
+
+    started = time.perf_counter()
+    for product in range(products):
+        ok, defect = root / f"P{product}" / "ok", root / f"P{product}" / "defect"
+        ok.mkdir(parents=True)
+        defect.mkdir(parents=True)
+        for seed in range(normals):
+            render_normal(product, seed).save(ok / f"P{product}_{seed:03d}.jpg", quality=90)
+        for seed in range(defects):
+            kind = DEFECT_TYPES[seed % len(DEFECT_TYPES)]
+            render_defect(product, 10_000 + seed, kind).save(defect / f"P{product}_{kind}_{seed:03d}.jpg", quality=90)
+    return time.perf_counter() - started
+
+
+def bench_build(products: int, normals: int, defects: int, workdir: Path | None) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bench_patchcore_") as tmp:
+        root = workdir or Path(tmp)
+        generation = make_dataset(root, products, normals, defects)
+        runs = []
+        for product in range(products):
+            name = f"P{product}"
+            command = [sys.executable, "-m", "inspection_refresh.patchcore.build", "--product", name,
+                       "--ok_dir", str(root / name / "ok"), "--out_dir", str(root / name / "bank"),
+                       "--defect_dir", str(root / name / "defect"), "--weights", "random"]
+            result = run_measured(command, log_path=root / f"{name}.log")
+            summary = next((json.loads(line.split(" ", 1)[1]) for line in result["stdout"].splitlines()
+                            if line.startswith("PATCHCORE_SUMMARY ")), None)
+            if result["returncode"] != 0:
+                print((root / f"{name}.log").read_text()[-3000:], file=sys.stderr)
+            runs.append({"product": name, "returncode": result["returncode"], "wall_seconds": result["seconds"],
+                         "peak_rss_mb": round(result["peak_rss_bytes"] / 2**20, 1),
+                         "peak_rss_bytes": result["peak_rss_bytes"], "summary": summary})
+            print(f"build {name}: {result['seconds']:.1f}s, peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MB, "
+                  f"AUROC {summary and summary.get('auroc')}", flush=True)
+    total = sum(r["wall_seconds"] for r in runs)
+    peak = max(r["peak_rss_bytes"] for r in runs)
+    ok = all(r["returncode"] == 0 for r in runs)
+    return {
+        "setup": {"products": products, "normal_images_per_product": normals, "defect_images_per_product": defects,
+                  "image_size": [900, 900], "format": "JPEG q90",
+                  "options": "defaults (shorter 512, stride 2, layers layer2,layer3, coreset 0.1) + --weights random"},
+        "dataset_generation_seconds": round(generation, 2),
+        "products": runs,
+        "total_seconds": round(total, 2),
+        "max_peak_rss_mb": round(peak / 2**20, 1),
+        "targets": {"total_seconds": BUILD_TARGETS["total_seconds"],
+                    "peak_rss_mb": BUILD_TARGETS["peak_rss_bytes"] / 2**20},
+        "pass": {"all_completed": ok, "total_seconds": ok and total <= BUILD_TARGETS["total_seconds"],
+                 "peak_rss": peak < BUILD_TARGETS["peak_rss_bytes"]},
+    }
+
+
+def coreset_worker(rows: int, dim: int, ratio: float) -> None:
+    """Runs in the measured subprocess: random features, then one timed selection; prints JSON."""
+    import numpy as np
+
+    from inspection_refresh.patchcore.coreset import KCenterGreedy
+
+    features = np.random.default_rng(0).standard_normal((rows, dim), dtype=np.float32)
+    size = int(np.ceil(ratio * rows))
+    started = time.perf_counter()
+    picked = KCenterGreedy(projection_dim=128, seed=0).select(features, size)
+    seconds = time.perf_counter() - started
+    print(json.dumps({"select_seconds": round(seconds, 3), "selected": len(picked),
+                      "input_bytes": features.nbytes, "distinct": len(set(picked.tolist()))}))
+
+
+def bench_coreset(rows: int, dim: int, ratio: float) -> dict:
+    command = [sys.executable, __file__, "--_coreset_worker", str(rows), str(dim), str(ratio)]
+    result = run_measured(command)
+    if result["returncode"] != 0:
+        raise SystemExit(f"coreset worker failed with exit {result['returncode']}")
+    inner = json.loads(result["stdout"].strip().splitlines()[-1])
+    print(f"coreset {rows}x{dim} @ {ratio}: select {inner['select_seconds']:.2f}s, process "
+          f"{result['seconds']:.1f}s, peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MB", flush=True)
+    return {
+        "setup": {"rows": rows, "dim": dim, "ratio": ratio, "projection_dim": 128, "dtype": "float32"},
+        "select_seconds": inner["select_seconds"],
+        "selected": inner["selected"],
+        "process_seconds_including_data_generation": result["seconds"],
+        "input_mb": round(inner["input_bytes"] / 2**20, 1),
+        "peak_rss_mb": round(result["peak_rss_bytes"] / 2**20, 1),
+        "targets": {"seconds": CORESET_TARGETS["seconds"], "peak_rss_mb": CORESET_TARGETS["peak_rss_bytes"] / 2**20},
+        "pass": {"seconds": inner["select_seconds"] <= CORESET_TARGETS["seconds"],
+                 "peak_rss": result["peak_rss_bytes"] < CORESET_TARGETS["peak_rss_bytes"]},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["all", "build", "coreset"], default="all")
+    parser.add_argument("--products", type=int, default=4)
+    parser.add_argument("--images", type=int, default=60, help="normal images per product")
+    parser.add_argument("--defects", type=int, default=6, help="defect images per product (AUROC only)")
+    parser.add_argument("--workdir", type=Path, help="keep the generated images and banks here (default: a temp dir)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--_coreset_worker", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args._coreset_worker:
+        rows, dim, ratio = args._coreset_worker
+        coreset_worker(int(rows), int(dim), float(ratio))
+        return
+
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count(),
+                          "python": platform.python_version(), "load_average_at_start": os.getloadavg()}
+    if args.part in ("all", "coreset"):
+        results["coreset"] = bench_coreset(100_000, 3_584, 0.02)
+        results["coreset"]["measured"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if args.part in ("all", "build"):
+        results["build"] = bench_build(args.products, args.images, args.defects, args.workdir)
+        results["build"]["measured"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    results["machine"]["load_average_at_end"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
