@@ -57,7 +57,8 @@ def validate_bank(bank_dir: Path | str, expected: dict[str, Any] | None = None) 
 
     Checks: all files present; ``memory_bank.pt`` is a finite float32 ``Tensor[M, D]`` with
     ``M >= 1`` and unit-norm rows, ``D`` matching ``layers``; ``bank_config.json`` has
-    ``layers``/``shorter``/``stride`` (equal to ``expected``'s, when given); ``tau.json``
+    ``layers``/``shorter``/``stride`` (and any other key of ``expected``, e.g. ``weights``:
+    ``"imagenet"``, ``"random"`` or a checkpoint path) equal to ``expected``'s; ``tau.json``
     has finite ``pixel`` and ``image`` > 0. Raises ``BankValidationError`` saying what is wrong.
     Returns ``{"bank_dir", "bank_size", "feature_dim", "layers", "shorter", "stride", "tau", "weights"}``.
     """
@@ -77,8 +78,7 @@ def validate_bank(bank_dir: Path | str, expected: dict[str, Any] | None = None) 
     except Exception as exc:
         raise BankValidationError(f"{bank_dir / CONFIG_FILE}: bad layers {config['layers']!r}: {exc}") from exc
     for key, value in (expected or {}).items():
-        actual = layers if key == "layers" else config.get(key)
-        wanted = parse_layers(value) if key == "layers" else value
+        actual, wanted = _compared(key, value, config, layers)
         if actual != wanted:
             raise BankValidationError(f"{bank_dir / CONFIG_FILE}: {key} is {actual!r}, expected {wanted!r}")
 
@@ -119,6 +119,18 @@ def validate_bank(bank_dir: Path | str, expected: dict[str, Any] | None = None) 
         "tau": {"pixel": float(tau["pixel"]), "image": float(tau["image"])},
         "weights": config.get("weights"),
     }
+
+
+def _compared(key: str, value: Any, config: dict[str, Any], layers: list[str]) -> tuple[Any, Any]:
+    """``(actual, wanted)`` for one ``expected`` item; ``weights`` compares the name or checkpoint path."""
+    if key == "layers":
+        return layers, parse_layers(value)
+    if key == "weights":
+        weights = config.get("weights") if isinstance(config.get("weights"), dict) else {}
+        if value in ("imagenet", "random"):
+            return weights.get("name"), value
+        return weights.get("path"), str(Path(value).resolve())
+    return config.get(key), value
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from inspection_refresh import __version__
 from inspection_refresh.patchcore.images import RESIZE_METHOD, ImageInfo, list_images, load_rgb, probe
@@ -322,7 +323,7 @@ def _load_batch(batch: list[ImageInfo], shorter: int) -> list[tuple[ImageInfo, n
     for info in batch:
         try:
             array = load_rgb(info.path, shorter)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             log.warning("skipping undecodable image %s: %s", info.path, exc)
             continue
         if array.shape[1::-1] != info.size:  # header and pixels disagree (e.g. EXIF oddities): skip, do not guess

@@ -65,7 +65,7 @@ def probe(paths: list[Path], shorter: int) -> list[ImageInfo]:
         try:
             with Image.open(path) as img:
                 width, height = img.size
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
             log.warning("skipping unreadable image %s: %s", path, exc)
             continue
         if width < 1 or height < 1:
@@ -76,7 +76,10 @@ def probe(paths: list[Path], shorter: int) -> list[ImageInfo]:
 
 
 def load_rgb(path: Path, shorter: int) -> np.ndarray:
-    """``float32 [H, W, 3]`` in [0, 1], short side resized to ``shorter``; raises ``OSError`` if undecodable."""
+    """``float32 [H, W, 3]`` in [0, 1], short side resized to ``shorter``.
+
+    Raises ``OSError`` (or ``PIL.Image.DecompressionBombError``) when the file cannot be decoded.
+    """
     with Image.open(path) as img:
         img = img.convert("RGB")
         size = resized_size(*img.size, shorter)

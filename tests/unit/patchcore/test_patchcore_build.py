@@ -69,6 +69,9 @@ def test_validate_bank(built: tuple[Path, dict], tmp_path: Path) -> None:
 
     with pytest.raises(BankValidationError, match="shorter is 96, expected 512"):
         validate_bank(out, {"shorter": 512})
+    assert validate_bank(out, {"weights": "random"})["weights"]["name"] == "random"
+    with pytest.raises(BankValidationError, match="weights is 'random', expected 'imagenet'"):
+        validate_bank(out, {"weights": "imagenet"})
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
     (broken / "tau.json").write_text(json.dumps({"pixel": float("nan"), "image": 1.0}))

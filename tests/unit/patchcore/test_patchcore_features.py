@@ -104,3 +104,30 @@ def test_imagenet_weights_unavailable_offline_names_the_fix(monkeypatch: pytest.
     with pytest.raises(BankBuildError, match=r"--weights random") as info:
         load_resnet50("imagenet")
     assert "resnet50-0676ba61.pth" in str(info.value)
+
+
+def test_bank_rows_are_contract_features_and_each_image_is_extracted_once(
+    tmp_path: Path, make_product, monkeypatch: pytest.MonkeyPatch  # noqa: ANN001
+) -> None:
+    from inspection_refresh.patchcore.build import build_product
+    from inspection_refresh.patchcore.options import BuildOptions
+
+    ok, defect = make_product(tmp_path / "P", 3, normals=5, defects=2)
+    seen = []
+    original = PatchFeatureExtractor.forward
+
+    def counting(self: PatchFeatureExtractor, images: torch.Tensor) -> torch.Tensor:
+        seen.append(images.shape[0])
+        return original(self, images)
+
+    monkeypatch.setattr(PatchFeatureExtractor, "forward", counting)
+    # coreset 1.0 keeps every patch, so the bank must be exactly the images' contract features.
+    build_product(ok, tmp_path / "bank", BuildOptions(weights="random", seed=2, shorter=96, coreset=1.0), [defect])
+
+    assert sum(seen) == 5 + 2  # one pass per image: calibration reuses the features
+    bank = torch.load(tmp_path / "bank" / "memory_bank.pt")
+    reference = torch.cat([contract_features(p, ["layer2", "layer3"], 96, 2, seed=2) for p in sorted(ok.iterdir())])
+    assert bank.shape == reference.shape
+    match = (bank @ reference.T).argmax(dim=1)  # rows are unit vectors: the same row has dot product 1
+    assert sorted(match.tolist()) == list(range(len(reference)))
+    assert float((bank - reference[match]).abs().max()) <= 1e-5
