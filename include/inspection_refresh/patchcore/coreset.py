@@ -53,24 +53,33 @@ class KCenterGreedy:
         self.seed = seed
         self.chunk_rows = chunk_rows
 
-    def select(self, features: np.ndarray, n: int, progress: _Progress | None = None) -> np.ndarray:
+    def select(self, features: np.ndarray, n: int, progress: _Progress | None = None,
+               initial: np.ndarray | None = None) -> np.ndarray:
         """Row indices (``int64 [n]``, in pick order) of ``n`` rows of ``features`` ``[N, D]`` covering the rest.
 
-        ``n`` is clipped to ``[1, N]``; ``n == N`` returns ``arange(N)`` without searching.
-        Ties go to the lowest index. ``progress.update(k)`` is called every 512 picks.
+        ``initial`` (optional, ``[m, D]``): points already in the coreset, e.g. a coreset of a
+        subset; the greedy then continues from them -- every pick is still the point farthest
+        from all points chosen so far -- and returns the ``n`` *further* picks. Without it the
+        first pick is :func:`first_index`. ``n`` is clipped to ``[0 or 1, N]``; ``n == N`` without
+        ``initial`` returns ``arange(N)``. Ties go to the lowest index.
+        ``progress.update(k)`` is called every 512 picks.
         """
         num_points = int(features.shape[0])
         if num_points == 0:
             raise ValueError("cannot select a coreset from zero features")
-        n = max(1, min(int(n), num_points))
-        if n == num_points:
+        n = max(0 if initial is not None else 1, min(int(n), num_points))
+        if initial is None and n == num_points:
             return np.arange(num_points, dtype=np.int64)
         points_t = self._project_transposed(features)  # [k, N]
         sq_norms = np.einsum("ij,ij->j", points_t, points_t)
-        min_dist = np.full(num_points, np.inf, dtype=np.float32)
+        if initial is None:
+            min_dist = np.full(num_points, np.inf, dtype=np.float32)
+            current = first_index(num_points, self.seed)
+        else:
+            min_dist = _nearest_sq_distances(points_t, sq_norms, self._project_transposed(initial))
+            current = int(np.argmax(min_dist))
         dist = np.empty(num_points, dtype=np.float32)
         picked = np.empty(n, dtype=np.int64)
-        current = first_index(num_points, self.seed)
         for step in range(n):
             picked[step] = current
             # ||p - c||^2 = ||p||^2 - 2 p.c + ||c||^2 for every p, in one pass over the points.
@@ -97,3 +106,19 @@ class KCenterGreedy:
             chunk = np.asarray(features[start : start + self.chunk_rows], dtype=np.float32)
             out[:, start : start + chunk.shape[0]] = (chunk @ matrix).T
         return out
+
+
+def _nearest_sq_distances(points_t: np.ndarray, sq_norms: np.ndarray, centers_t: np.ndarray,
+                          block: int = 256) -> np.ndarray:
+    """Squared distance from each column of ``points_t`` to its nearest column of ``centers_t``.
+
+    ``min_c(||c||^2 - 2 p.c) + ||p||^2``, a matrix product per ``block`` centers.
+    """
+    nearest = np.full(points_t.shape[1], np.inf, dtype=np.float32)
+    for start in range(0, centers_t.shape[1], block):
+        centers = centers_t[:, start : start + block]
+        products = (centers.T * np.float32(-2.0)) @ points_t  # [block, N]
+        products += np.einsum("ij,ij->j", centers, centers)[:, None]
+        np.minimum(nearest, products.min(axis=0), out=nearest)
+    nearest += sq_norms
+    return nearest

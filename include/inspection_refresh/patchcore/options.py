@@ -63,6 +63,8 @@ class BuildOptions:
     network), a path to a ``state_dict`` checkpoint, or ``"random"`` (seeded random init,
     for offline demos and tests only; such a bank is labelled as random in its config).
     ``holdout``: fraction of normal images held out to calibrate tau (at least one image).
+    ``final_coreset``: ``"extend"`` continues the calibration bank's greedy over all normal
+    patches (same k-center greedy, fewer picks to search), ``"fresh"`` restarts it.
     ``batch_size``: images per forward pass; 0 picks 1 on CPU (faster there: the
     activations of one 512 px image already overflow the caches) and 8 on CUDA.
     """
@@ -80,6 +82,7 @@ class BuildOptions:
     batch_size: int = 0
     holdout: float = 0.2
     projection_dim: int = 128
+    final_coreset: str = "extend"
 
     def __post_init__(self) -> None:
         self.layers = parse_layers(self.layers)
@@ -103,6 +106,8 @@ class BuildOptions:
             problems.append(f"batch_size must be >= 0 (got {self.batch_size})")
         if not 0 < self.holdout < 1:
             problems.append(f"holdout must be in (0, 1) (got {self.holdout})")
+        if self.final_coreset not in ("extend", "fresh"):
+            problems.append(f"final_coreset must be extend or fresh (got {self.final_coreset!r})")
         if self.projection_dim < 1:
             problems.append(f"projection_dim must be >= 1 (got {self.projection_dim})")
         if problems:

@@ -193,3 +193,19 @@ def test_write_bank_is_all_or_nothing(tmp_path: Path) -> None:
         bank_module.write_bank(tmp_path, bank, {"layers": ["layer2"]}, {"pixel": 5.0, "image": 6.0}, failing)
     assert (tmp_path / "tau.json").read_text() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(BANK_FILES)
+
+
+def test_final_coreset_extend_and_fresh(product_dirs: tuple[Path, Path], tmp_path: Path, fast: dict) -> None:
+    ok, _ = product_dirs
+    banks = {}
+    for mode in ("extend", "fresh"):
+        summary = build_product(ok, tmp_path / mode, BuildOptions(**fast, final_coreset=mode))
+        config = json.loads((tmp_path / mode / "bank_config.json").read_text())
+        assert config["coreset"]["final"] == mode and summary["bank_size"] == int(np.ceil(0.1 * 8 * 48))
+        banks[mode] = torch.load(tmp_path / mode / "memory_bank.pt")
+    calib_size = config["calibration"]["calibration_bank_size"]
+    # extend keeps the calibration bank's picks first; fresh searches again from its own first pick.
+    assert banks["extend"].shape == banks["fresh"].shape
+    assert len({tuple(r) for r in banks["extend"][:calib_size].tolist()}) == calib_size
+    with pytest.raises(BankBuildError, match="final_coreset must be extend or fresh"):
+        BuildOptions(final_coreset="other")

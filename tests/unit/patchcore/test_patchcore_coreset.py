@@ -94,3 +94,24 @@ def test_reports_progress() -> None:
     KCenterGreedy(seed=0).select(np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32), 1100,
                                  progress=counter)
     assert counter.done == 1100
+
+
+def test_continuing_from_initial_centers_matches_brute_force() -> None:
+    rng = np.random.default_rng(11)
+    features = rng.standard_normal((300, 200)).astype(np.float32)
+    initial = rng.standard_normal((25, 200)).astype(np.float32)
+    projection = gaussian_projection(200, 32, 4).astype(np.float64)
+    space, centers = features.astype(np.float64) @ projection, initial.astype(np.float64) @ projection
+
+    nearest = ((space[:, None, :] - centers[None]) ** 2).sum(axis=2).min(axis=1)
+    expected, current = [], int(np.argmax(nearest))
+    for _ in range(30):  # brute force: the farthest point from initial centers and all picks so far
+        expected.append(current)
+        nearest = np.minimum(nearest, ((space - space[current]) ** 2).sum(axis=1))
+        nearest[expected] = -1.0
+        current = int(np.argmax(nearest))
+
+    picked = KCenterGreedy(projection_dim=32, seed=4).select(features, 30, initial=initial)
+
+    assert picked.tolist() == expected
+    assert KCenterGreedy(projection_dim=32).select(features, 0, initial=initial).shape == (0,)
