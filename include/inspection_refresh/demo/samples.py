@@ -112,12 +112,22 @@ def _perforated(u: np.ndarray, v: np.ndarray, rng: np.random.Generator, shape: t
     period = np.float32(48.0)
     cv = v / period
     row = np.floor(cv)
-    cv -= row + np.float32(0.5)
-    cu = u / period + (row.astype(np.int32) & 1) * np.float32(0.5)
-    cu -= np.floor(cu) + np.float32(0.5)
-    dist = np.sqrt(cu * cu + cv * cv) * period
-    holes = np.clip((np.float32(11.0) - dist) * np.float32(0.5), 0.0, 1.0)
-    return np.float32(0.2) * np.sin(u / np.float32(60.0)) - np.float32(1.6) * holes
+    cv -= row
+    cv -= np.float32(0.5)
+    cu = u / period
+    cu += (row.astype(np.int32) & 1) * np.float32(0.5)
+    cu -= np.floor(cu)
+    cu -= np.float32(0.5)
+    # Squared distance to the hole centre, in pixels^2; the edge is soft over ~2 px.
+    cu *= cu
+    cv *= cv
+    cu += cv
+    cu *= np.float32(-period * period / 44.0)
+    cu += np.float32(121.0 / 44.0)  # (11^2 - d^2) / (4 * 11) ~ (11 - d) / 2 near the edge
+    holes = np.clip(cu, 0.0, 1.0, out=cu)
+    holes *= np.float32(-1.6)
+    holes += np.float32(0.2) * np.sin(u / np.float32(60.0))
+    return holes
 
 
 def _wood_grain(u: np.ndarray, v: np.ndarray, rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
