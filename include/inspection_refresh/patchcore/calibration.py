@@ -65,6 +65,7 @@ def plot_histogram(path: Path, normal_scores: list[float], defect_scores: list[f
                    title: str) -> None:
     """PNG histogram of held-out normal (and defect, if any) image scores with ``tau_image`` marked."""
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
+    from matplotlib.ticker import MaxNLocator
 
     fig = Figure(figsize=(7, 4), dpi=100)
     ax = fig.add_subplot()
@@ -76,6 +77,7 @@ def plot_histogram(path: Path, normal_scores: list[float], defect_scores: list[f
     ax.axvline(tau_image, color="black", linestyle="--", label=f"tau image = {tau_image:.4f}")
     ax.set_xlabel("image score (99th percentile of patch NN distances)")
     ax.set_ylabel("images")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
