@@ -25,7 +25,7 @@ from inspection_refresh.images import DEFECT_PREFIX, NORMAL_PREFIX, reject_reaso
 from inspection_refresh.publish import Publisher, check_name
 from inspection_refresh.registry import DeploymentRegistry, Product, RegistryError
 from inspection_refresh.storage import ObjectStorage, copy_tree_linked
-from inspection_refresh.tasks.common import cap_list, read_json, run_work_dir, write_json
+from inspection_refresh.tasks.common import cap_list, read_json, remove_run_work_dir, run_work_dir, write_json
 from inspection_refresh.tasks.stages import record_stage
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ class PatchcoreRun:
         return script
 
     def expected_config(self) -> dict[str, Any]:
-        return {"layers": list(self.layers), "shorter": self.shorter, "stride": self.stride}
+        return {"layers": list(self.layers), "shorter": self.shorter, "stride": self.stride, "weights": self.weights}
 
 
 def _db_configured(conn_id: str) -> bool:
@@ -309,4 +309,6 @@ def register(run: PatchcoreRun) -> dict[str, Any]:
     else:
         log.warning("No deployment_logs row: connection %r is not configured", run.settings.db_conn_id)
     log.info("PatchCore run %s: %s", status, text)
+    if status == "completed":
+        remove_run_work_dir(run.settings.cache_root, PIPELINE, run.run_id)
     return {"deploy_id": deploy_id, "status": status, "message": text, "products": results}
