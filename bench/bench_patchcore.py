@@ -55,7 +55,7 @@ def run_measured(command: list[str], env: dict[str, str] | None = None, log_path
 
 def make_dataset(root: Path, products: int, normals: int, defects: int) -> float:
     """Write ``{root}/P{i}/ok`` and ``{root}/P{i}/defect`` JPEGs; returns the seconds it took."""
-    from inspection_refresh.demo.samples import DEFECT_TYPES, render_defect, render_normal
+    from inspection_refresh.dev.samples import DEFECT_TYPES, render_defect, render_normal
 
     started = time.perf_counter()
     for product in range(products):

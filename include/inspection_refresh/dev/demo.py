@@ -87,7 +87,7 @@ def _jpeg(image, quality: int = 90) -> bytes:
 def sample_objects(products: list[DemoProduct], normal_per_product: int, defects_per_type: int,
                    size: tuple[int, int] = IMAGE_SIZE):
     """Yield ``(key, bytes)`` for the demo bucket, in the service's layout."""
-    from inspection_refresh.demo.samples import render_defect, render_normal
+    from inspection_refresh.dev.samples import render_defect, render_normal
 
     for index, product in enumerate(products):
         for seq in range(1, normal_per_product + 1):

@@ -12,7 +12,7 @@ import pytest
 # takes effect if torch was not imported yet; a value set by the caller wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from inspection_refresh.demo.samples import DEFECT_TYPES, render_defect, render_normal
+from inspection_refresh.dev.samples import DEFECT_TYPES, render_defect, render_normal
 
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "include" / "inspection_refresh" / "build_patchcore.sh"

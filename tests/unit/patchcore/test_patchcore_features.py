@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision import transforms
 from torchvision.models._utils import IntermediateLayerGetter
 
-from inspection_refresh.demo.samples import render_normal
+from inspection_refresh.dev.samples import render_normal
 from inspection_refresh.patchcore.features import PatchFeatureExtractor, load_resnet50, patch_grid
 from inspection_refresh.patchcore.images import load_rgb
 from inspection_refresh.patchcore.options import BankBuildError

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from inspection_refresh.demo.samples import DEFECT_TYPES, render_defect, render_normal
+from inspection_refresh.dev.samples import DEFECT_TYPES, render_defect, render_normal
 
 
 def pixels(image) -> np.ndarray:  # noqa: ANN001
