@@ -170,10 +170,7 @@ def prepare_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, str
             raise PermanentError(f"product {code}: no normal images under s3://{storage.bucket}/{prefix} "
                                  f"({len(normal.skipped)} other objects); upload some before building its bank")
         # Labelled defects (images/defect/{product_id}_{defect_type_id}/) only score the held-out AUROC.
-        defect_objects = [o for o in storage.list_objects(DEFECT_PREFIX)
-                          if o.key[len(DEFECT_PREFIX):].startswith(f"{product_id}_")]
-        defects = storage.sync_prefix(DEFECT_PREFIX, cache / "defects", accept=reject_reason,
-                                      objects=defect_objects)
+        defects = storage.sync_prefix(f"{DEFECT_PREFIX}{product_id}_", cache / "defects", accept=reject_reason)
         defect_dirs = sorted({str(path.parent) for path in defects.files.values()})
         staging = run.publisher.stage(code)
         stage.facts = {"images": len(normal.files), "defect_images": len(defects.files),
