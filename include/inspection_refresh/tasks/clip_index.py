@@ -22,7 +22,7 @@ from inspection_refresh.publish import Publisher, new_version_id
 from inspection_refresh.registry import DeploymentRegistry, RegistryError
 from inspection_refresh.storage import ObjectInfo, ObjectStorage, StorageError
 from inspection_refresh.tasks.common import (
-    NothingToDo, cap_list, read_json, remove_run_work_dir, run_work_dir, write_json,
+    NothingToDo, cap_list, prune_run_work_dirs, read_json, remove_run_work_dir, run_work_dir, write_json,
 )
 from inspection_refresh.tasks.stages import first_failure, read_stages, record_stage
 
@@ -89,6 +89,7 @@ def published_manifest(run: ClipRun) -> dict[str, Any] | None:
 
 def download(run: ClipRun) -> dict[str, Any]:
     """List the prefix, decide whether a rebuild is needed, open the deployment row, mirror the images."""
+    prune_run_work_dirs(run.settings.cache_root, PIPELINE)
     shutil.rmtree(run.work_dir, ignore_errors=True)  # a cleared-and-rerun run starts clean
     run.work_dir.mkdir(parents=True, exist_ok=True)
     with record_stage(run.work_dir, "download") as stage:

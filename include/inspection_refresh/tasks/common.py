@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,17 @@ def run_work_dir(cache_root: Path, pipeline: str, run_id: str) -> Path:
     path = Path(cache_root) / pipeline / "runs" / safe_run_id(run_id)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def prune_run_work_dirs(cache_root: Path, pipeline: str, older_than_days: float = 14) -> list[Path]:
+    """Remove work directories that failed runs left behind more than ``older_than_days`` ago."""
+    cutoff = time.time() - older_than_days * 86400
+    removed = []
+    for path in (Path(cache_root) / pipeline / "runs").glob("*"):
+        if path.is_dir() and path.stat().st_mtime < cutoff:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def remove_run_work_dir(cache_root: Path, pipeline: str, run_id: str) -> None:

@@ -25,7 +25,9 @@ from inspection_refresh.images import DEFECT_PREFIX, NORMAL_PREFIX, reject_reaso
 from inspection_refresh.publish import Publisher, check_name
 from inspection_refresh.registry import DeploymentRegistry, Product, RegistryError
 from inspection_refresh.storage import ObjectStorage, copy_tree_linked
-from inspection_refresh.tasks.common import cap_list, read_json, remove_run_work_dir, run_work_dir, write_json
+from inspection_refresh.tasks.common import (
+    cap_list, prune_run_work_dirs, read_json, remove_run_work_dir, run_work_dir, write_json,
+)
 from inspection_refresh.tasks.stages import record_stage
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,7 @@ def _products_from_storage(storage: ObjectStorage) -> list[Product]:
 
 def list_products(run: PatchcoreRun) -> list[dict[str, Any]]:
     """Products to build: active rows of ``products`` (or storage folders), narrowed by the param."""
+    prune_run_work_dirs(run.settings.cache_root, PIPELINE)
     shutil.rmtree(run.work_dir, ignore_errors=True)  # a cleared-and-rerun run starts clean
     run.work_dir.mkdir(parents=True, exist_ok=True)
     with record_stage(run.work_dir, "list_products"):

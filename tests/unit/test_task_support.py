@@ -1,0 +1,55 @@
+"""Run identity, error classification and work-file housekeeping shared by the DAG tasks."""
+
+from __future__ import annotations
+
+import os
+import time
+from types import SimpleNamespace
+
+import pytest
+
+from inspection_refresh.airflow_support import PermanentError, fail_permanent_errors, is_permanent, run_identity
+from inspection_refresh.storage import StorageError
+from inspection_refresh.tasks.common import prune_run_work_dirs, run_work_dir, safe_run_id
+
+
+@pytest.mark.parametrize("run_type, user, scheduled, deployed_by", [
+    ("scheduled", None, True, "airflow-scheduler"),
+    ("DagRunType.SCHEDULED", None, True, "airflow-scheduler"),
+    ("manual", "admin", False, "airflow:admin"),
+    ("asset_triggered", None, False, "airflow"),
+])
+def test_run_identity(run_type, user, scheduled, deployed_by):
+    context = {"run_id": "r1", "dag_run": SimpleNamespace(run_type=run_type, triggering_user_name=user)}
+    assert run_identity(context) == ("r1", scheduled, deployed_by)
+
+
+def test_only_errors_a_retry_cannot_fix_are_permanent():
+    assert is_permanent(StorageError("bucket missing"))
+    assert not is_permanent(StorageError("connection reset", transient=True))
+    assert is_permanent(PermanentError("no products")) and is_permanent(ValueError("nothing readable"))
+    assert not is_permanent(OSError("disk hiccup")) and not is_permanent(RuntimeError("?"))
+
+
+def test_permanent_errors_fail_without_retry():
+    from airflow.sdk.exceptions import AirflowFailException
+
+    with pytest.raises(AirflowFailException, match="no products .*not retried"):
+        with fail_permanent_errors():
+            raise PermanentError("no products")
+    with pytest.raises(ConnectionError):
+        with fail_permanent_errors():
+            raise ConnectionError("retry me")
+
+
+def test_run_ids_become_safe_directory_names(tmp_path):
+    assert safe_run_id("manual__2026-11-26T13:00:00+00:00") == "manual__2026-11-26T13_00_00_00_00"
+    assert run_work_dir(tmp_path, "clip", "../../etc").parent == tmp_path / "clip" / "runs"
+
+
+def test_old_work_dirs_of_failed_runs_are_pruned(tmp_path):
+    old, recent = run_work_dir(tmp_path, "clip", "old"), run_work_dir(tmp_path, "clip", "recent")
+    month_ago = time.time() - 30 * 86400
+    os.utime(old, (month_ago, month_ago))
+    assert prune_run_work_dirs(tmp_path, "clip") == [old]
+    assert not old.exists() and recent.exists()
