@@ -26,7 +26,7 @@ DOC_MD = """
 
 Rebuilds the **{index_type}** similarity index of the defect-inspection service and deploys it.
 
-1. **download** — lists `{{{{ params.prefix }}}}` in NCP Object Storage (ListObjects V1), mirrors the images
+1. **download** — lists the **prefix** param in NCP Object Storage (ListObjects V1), mirrors the images
    (at most `INSPECTION_MAX_TRANSFERS` at once; unchanged files are not downloaded again) and opens the
    `deployment_logs` row. Folder markers, empty and non-image objects are skipped and listed.
 2. **embed** — embeds every image exactly as the service embeds queries (open_clip, RGB, 224×224 squash,

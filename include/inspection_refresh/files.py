@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -40,3 +41,17 @@ def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int | None 
     """Write ``data`` as UTF-8 JSON atomically (``default=str`` for dates and paths)."""
     text = json.dumps(data, ensure_ascii=False, indent=indent, default=str, sort_keys=False) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), fsync=fsync)
+
+
+def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Hard-link ``source`` to ``target`` (free on one filesystem), else copy it."""
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def copy_tree_linked(source: Path, target: Path, ignore: Callable | None = None) -> None:
+    """Copy the directory ``source`` to ``target`` with :func:`link_or_copy` for each file."""
+    shutil.copytree(source, target, copy_function=link_or_copy, ignore=ignore)

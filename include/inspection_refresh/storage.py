@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import random
-import shutil
 import threading
 import time
 import uuid
@@ -491,16 +490,3 @@ def _log_skipped(skipped: list[tuple[str, str]], limit: int = 20) -> None:
         log.warning("Skipping %s: %s", key, reason)
     if len(skipped) > limit:
         log.warning("... and %d more objects skipped (all listed in the deployment record)", len(skipped) - limit)
-
-
-def copy_tree_linked(source: Path, target: Path) -> None:
-    """Copy ``source`` to ``target`` with hard links where possible (same filesystem)."""
-
-    def link_or_copy(src: str, dst: str) -> None:
-        try:
-            os.link(src, dst)
-        except OSError:
-            shutil.copy2(src, dst)
-
-    shutil.copytree(source, target, copy_function=link_or_copy,
-                    ignore=shutil.ignore_patterns(SYNC_STATE_FILE, f"*{_PARTIAL_MARK}*"))

@@ -6,7 +6,7 @@ a renamed or re-uploaded identical file is still a hit, and a different model,
 checkpoint or preprocessing (a different identity, see
 :func:`inspection_refresh.clip.weights.model_identity`) never reuses a vector.
 
-Convention: ``EmbeddingCache(settings.cache_root / "clip_embeddings")``, shared
+Convention: ``EmbeddingCache(default_cache_dir(settings.cache_root))``, shared
 by the ``normal`` and ``defect`` indexes (WAL mode and a busy timeout let two
 tasks use it at once). The cache is disposable: a missing file is created, an
 unreadable or corrupt one is moved aside with a warning and rebuilt, and

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import shutil
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from inspection_refresh.config import Settings, get_settings
+from inspection_refresh.files import link_or_copy
 from inspection_refresh.images import parse_image_key, reject_reason
 from inspection_refresh.publish import Publisher, new_version_id
 from inspection_refresh.registry import DeploymentRegistry, RegistryError
@@ -152,6 +152,7 @@ def embed(run: ClipRun) -> dict[str, Any]:
     """Embed the mirrored images as the service embeds queries; reuse cached embeddings."""
     import numpy as np
 
+    from inspection_refresh.clip.cache import default_cache_dir
     from inspection_refresh.clip.embed import EmbeddingCache, embed_files, load_model
     from inspection_refresh.clip.weights import is_random_checkpoint
 
@@ -161,7 +162,7 @@ def embed(run: ClipRun) -> dict[str, Any]:
             log.warning("Embedding with RANDOM-INIT weights from %s: similarity scores are meaningless "
                         "(offline demo/test checkpoint, not for the service)", run.pretrained)
         model = load_model(run.model, run.pretrained, run.device, lazy=True)  # loads only if a miss needs it
-        cache = None if run.full_rebuild else EmbeddingCache(run.settings.cache_root / PIPELINE / "embeddings")
+        cache = None if run.full_rebuild else EmbeddingCache(default_cache_dir(run.settings.cache_root))
         result = embed_files([Path(item["path"]) for item in inventory], model, batch_size=run.batch_size,
                              cache=cache, progress_label=f"Embedding {run.index_type} images")
         failures = [(inventory[index]["key"], reason) for index, reason in result.failures]
@@ -214,7 +215,7 @@ def index_save(run: ClipRun) -> dict[str, Any]:
             for row, index in enumerate(rows):
                 item = inventory[index]
                 relative = Path(item["path"]).relative_to(run.mirror_dir)
-                _link_or_copy(Path(item["path"]), staging / "images" / relative)
+                link_or_copy(item["path"], staging / "images" / relative)
                 gallery_paths.append(str(final_dir / "images" / relative))
                 metadata.append(_metadata_record(row, item["key"], gallery_paths[-1],
                                                  inventory_doc["storage_urls"][item["key"]], products))
@@ -241,14 +242,6 @@ def index_save(run: ClipRun) -> dict[str, Any]:
         log.info("Published %s index version %s: %d images, dim %d, at %s", run.index_type, release.version,
                  manifest["count"], manifest["dim"], publisher.live_path(run.index_type))
         return dict(stage.facts)
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
 
 
 def _metadata_record(row: int, key: str, local_path: str, storage_url: str, products: dict[int, Any]) -> dict:

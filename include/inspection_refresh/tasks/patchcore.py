@@ -21,10 +21,11 @@ from typing import Any
 
 from inspection_refresh.airflow_support import PermanentError
 from inspection_refresh.config import Settings, get_settings
+from inspection_refresh.files import copy_tree_linked
 from inspection_refresh.images import DEFECT_PREFIX, NORMAL_PREFIX, reject_reason
 from inspection_refresh.publish import Publisher, check_name
 from inspection_refresh.registry import DeploymentRegistry, Product, RegistryError
-from inspection_refresh.storage import ObjectStorage, copy_tree_linked
+from inspection_refresh.storage import SYNC_STATE_FILE, ObjectStorage
 from inspection_refresh.tasks.common import (
     cap_list, prune_run_work_dirs, read_json, remove_run_work_dir, run_work_dir, write_json,
 )
@@ -218,7 +219,8 @@ def publish_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any
         staging = Path(read_json(run.product_dir(code) / "stage-download.json")["facts"]["staging"])
         try:
             facts = validate_bank(staging, run.expected_config())
-            copy_tree_linked(run.settings.cache_root / PIPELINE / code / "ok", staging / "ok")
+            copy_tree_linked(run.settings.cache_root / PIPELINE / code / "ok", staging / "ok",
+                             ignore=shutil.ignore_patterns(SYNC_STATE_FILE))
             release = run.publisher.publish(code, staging)
         except BaseException:
             run.publisher.discard(staging)
