@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from inspection_refresh.publish import default_releases_dir
+
 ENV_PREFIX = "INSPECTION_"
 
 
@@ -38,8 +40,12 @@ class Settings:
     """Airflow connection (type ``mysql``) for the service's database."""
     index_root: Path
     """Published CLIP indexes: ``<index_root>/normal/``, ``<index_root>/defect/``."""
+    index_releases: Path
+    """Kept versions of the CLIP indexes; outside ``index_root``, on its filesystem."""
     patchcore_root: Path
     """Published PatchCore banks: ``<patchcore_root>/<product_code>/``."""
+    patchcore_releases: Path
+    """Kept versions of the PatchCore banks; outside ``patchcore_root``, on its filesystem."""
     cache_root: Path
     """Downloaded images and embedding caches; safe to delete (costs a re-download)."""
     max_transfers: int
@@ -57,12 +63,16 @@ class Settings:
     @classmethod
     def from_env(cls) -> "Settings":
         data_root = Path(_env("DATA_ROOT", "/data/inspection"))
+        index_root = Path(_env("INDEX_ROOT", str(data_root / "clip_index")))
+        patchcore_root = Path(_env("PATCHCORE_ROOT", "/data/patchCore"))
         return cls(
             storage_conn_id=_env("STORAGE_CONN_ID", "ncp_object_storage"),
             bucket=_env("BUCKET", os.environ.get("NCP_BUCKET", "dm-obs")),
             db_conn_id=_env("DB_CONN_ID", "deploy_db"),
-            index_root=Path(_env("INDEX_ROOT", str(data_root / "clip_index"))),
-            patchcore_root=Path(_env("PATCHCORE_ROOT", "/data/patchCore")),
+            index_root=index_root,
+            index_releases=Path(_env("INDEX_RELEASES", str(default_releases_dir(index_root)))),
+            patchcore_root=patchcore_root,
+            patchcore_releases=Path(_env("PATCHCORE_RELEASES", str(default_releases_dir(patchcore_root)))),
             cache_root=Path(_env("CACHE_ROOT", str(data_root / "cache"))),
             max_transfers=int(_env("MAX_TRANSFERS", "10")),
             keep_versions=int(_env("KEEP_VERSIONS", "5")),

@@ -1,19 +1,29 @@
 """Versioned, atomic publishing of a directory the service reads, with rollback.
 
-Layout under ``root`` for an artefact called ``name`` (``normal``, ``defect`` or a
-product code)::
+Layout for an artefact called ``name`` (``normal``, ``defect`` or a product code)::
 
-    root/name -> .releases/name/20261126T132000123456Z     (relative symlink)
-    root/.releases/name/<version>/...                      (kept versions)
-    root/.releases/name/.staging-<id>/                     (being written)
+    root/name -> ../root.releases/name/20261126T132000123456Z   (relative symlink)
+    root.releases/name/<version>/...                             (kept versions)
+    root.releases/name/.staging-<id>/                            (being written)
+    root.releases/.inspection-releases                           (marker: the root it serves)
+
+The service lists every directory under its root as a product, so nothing but the
+live symlinks is ever created in ``root``: kept versions, staging directories and
+temporary links live in a separate releases directory (default: the sibling
+``<root>.releases``), which must be on the same filesystem.
 
 The service keeps reading ``root/name/<file>``. A new version is written into a
-staging directory, renamed to its version directory, and then the symlink is
-swapped with one ``rename(2)``, which is atomic: a reader that resolves
-``root/name`` gets the whole old version or the whole new one, never a mix. A run
-that fails or crashes before the swap leaves the old version live; its staging
-directory is removed by the next run. The last ``keep`` versions stay on disk, so
-:meth:`Publisher.rollback` is one symlink swap as well.
+staging directory, renamed to its version directory, and then a new symlink made
+in the releases directory is renamed onto ``root/name`` with one ``rename(2)``,
+which is atomic: a reader that resolves ``root/name`` gets the whole old version
+or the whole new one, never a mix. A run that fails or crashes before the swap
+leaves the old version live; its leftovers are removed by the next run. The last
+``keep`` versions stay on disk, so :meth:`Publisher.rollback` is one symlink swap
+as well.
+
+Roots published by older code kept versions in ``root/.releases/``; the next
+publish, stage or rollback moves them out without ``root/name`` ever being
+missing (see :meth:`Publisher._migrate_old_layout`).
 
 Command line (one-step rollback)::
 
@@ -24,20 +34,33 @@ Command line (one-step rollback)::
 from __future__ import annotations
 
 import argparse
+import ctypes
+import errno
+import fcntl
 import logging
 import os
 import re
 import shutil
 import sys
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from inspection_refresh.files import copy_tree_linked
+
 log = logging.getLogger(__name__)
 
-RELEASES_DIR = ".releases"
+RELEASES_SUFFIX = ".releases"
+"""The default releases directory of ``/data/patchCore`` is ``/data/patchCore.releases``."""
+MARKER_FILE = ".inspection-releases"
+"""Written into every releases directory (it holds the root's path) so tools can recognise one."""
+OLD_RELEASES_DIR = ".releases"
+"""Where older code kept versions: inside the root, where the service mistook it for a product."""
 _STAGING_PREFIX = ".staging-"
+_SWAP_PREFIX = ".swap-"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -64,29 +87,93 @@ def check_name(name: str) -> str:
     return name
 
 
+def default_releases_dir(root: str | os.PathLike) -> Path:
+    """The sibling ``<root>.releases`` (``/data/patchCore`` -> ``/data/patchCore.releases``)."""
+    root = Path(os.path.abspath(root))
+    return root.with_name(root.name + RELEASES_SUFFIX)
+
+
+def is_published_root(path: str | os.PathLike) -> bool:
+    """Whether :class:`Publisher` manages ``path``, so nothing else should write into it.
+
+    True for the old layout (``path/.releases``) and for a root with a symlink that
+    resolves to ``<releases>/<name>/<version>`` in a releases directory with the marker.
+    """
+    path = Path(path)
+    if (path / OLD_RELEASES_DIR).exists():
+        return True
+    if not path.is_dir():
+        return False
+    for child in path.iterdir():
+        if child.is_symlink():
+            version_dir = Path(os.path.realpath(child))
+            if (version_dir.parent.parent / MARKER_FILE).is_file():
+                return True
+    return False
+
+
+class _ExchangeUnsupported(OSError):
+    """The kernel, C library or filesystem cannot exchange two paths atomically."""
+
+
+def _exchange(first: Path, second: Path) -> None:
+    """Swap two paths in one step with Linux ``renameat2(RENAME_EXCHANGE)``.
+
+    ``os.replace`` cannot put a symlink where a non-empty directory is; exchanging them
+    does, without a moment where neither is there.
+    """
+    at_fdcwd, rename_exchange = -100, 2
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError, TypeError) as exc:
+        raise _ExchangeUnsupported(errno.ENOSYS, "renameat2 is not available") from exc
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) != 0:
+        code = ctypes.get_errno()
+        error = _ExchangeUnsupported if code in (errno.ENOSYS, errno.EINVAL) else OSError
+        raise error(code, os.strerror(code), str(first), None, str(second))
+
+
+def _remove(path: Path) -> None:
+    """Remove a leftover whatever it is: a symlink, a file or a directory tree."""
+    if path.is_symlink() or path.is_file():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class Publisher:
     """Publishes versions of named directories under ``root``.
 
-    :param root: directory the service reads (e.g. the CLIP index root).
+    :param root: directory the service reads (e.g. the CLIP index root); it only ever
+        holds the live symlinks.
     :param keep: versions kept per name (the live one is always kept).
+    :param releases: where versions are kept; on the filesystem of ``root`` and outside
+        it. Default: :func:`default_releases_dir`.
     """
 
-    def __init__(self, root: str | os.PathLike, keep: int = 5) -> None:
+    def __init__(self, root: str | os.PathLike, keep: int = 5, releases: str | os.PathLike | None = None) -> None:
         self.root = Path(root)
+        self.releases = Path(releases) if releases is not None else default_releases_dir(root)
         self.keep = max(1, keep)
+        real_root, real_releases = Path(os.path.realpath(self.root)), Path(os.path.realpath(self.releases))
+        if real_releases == real_root or real_root in real_releases.parents:
+            raise PublishError(f"the releases directory {self.releases} must be outside {self.root}: "
+                               "the service would take it for a published artefact")
 
-    def _releases(self, name: str) -> Path:
-        return self.root / RELEASES_DIR / check_name(name)
+    def _versions_dir(self, name: str) -> Path:
+        return self.releases / check_name(name)
 
     def live_path(self, name: str) -> Path:
         return self.root / check_name(name)
 
     def stage(self, name: str) -> Path:
         """Create and return an empty staging directory for a new version of ``name``."""
-        releases = self._releases(name)
-        releases.mkdir(parents=True, exist_ok=True)
-        self._remove_stale_staging(name)
-        staging = releases / f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+        versions_dir = self._versions_dir(name)
+        self._prepare()
+        versions_dir.mkdir(exist_ok=True)
+        self._remove_leftovers(name, _STAGING_PREFIX, _SWAP_PREFIX)
+        staging = self._new_staging_path(name)
         staging.mkdir()
         return staging
 
@@ -103,22 +190,24 @@ class Publisher:
 
     def versions(self, name: str) -> list[str]:
         """Kept versions of ``name``, oldest first."""
-        releases = self._releases(name)
-        if not releases.is_dir():
+        versions_dir = self._versions_dir(name)
+        if not versions_dir.is_dir():
             return []
-        return sorted(p.name for p in releases.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(p.name for p in versions_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
     def publish(self, name: str, staging: str | os.PathLike, version: str | None = None) -> Release:
         """Make ``staging`` the live version of ``name`` atomically; prune old versions."""
         staging = Path(staging)
-        releases = self._releases(name)
-        if staging.parent.resolve() != releases.resolve():
+        versions_dir = self._versions_dir(name)
+        if staging.parent.resolve() != versions_dir.resolve():
             raise PublishError(f"{staging} is not a staging directory of {name!r}; use Publisher.stage()")
         version = version or new_version_id()
-        target = releases / version
+        target = versions_dir / version
         if target.exists():
             raise PublishError(f"version {version} of {name!r} already exists at {target}")
-        self._adopt_legacy_directory(name)
+        self._prepare()
+        self._remove_leftovers(name, _SWAP_PREFIX)  # not staging: ours is one of them
+        self._adopt_plain_directory(name)
         os.rename(staging, target)
         self._point_to(name, version)
         log.info("Published %s version %s at %s", name, version, self.live_path(name))
@@ -127,50 +216,153 @@ class Publisher:
 
     def rollback(self, name: str, to: str | None = None) -> Release:
         """Re-publish ``to`` (default: the version before the live one)."""
+        if (self.root / OLD_RELEASES_DIR).is_dir():
+            self._prepare()  # moves the old layout's versions first, so they can be rolled back to
         kept = self.versions(name)
         live = self.current(name)
         if to is None:
             older = [v for v in kept if live is None or v < live]
             if not older:
-                raise PublishError(f"no version of {name!r} older than {live} is kept under {self._releases(name)}")
+                raise PublishError(f"no version of {name!r} older than {live} is kept under {self._versions_dir(name)}")
             to = older[-1]
         if to not in kept:
             raise PublishError(f"version {to!r} of {name!r} is not kept; kept versions: {', '.join(kept) or 'none'}")
+        self._remove_leftovers(name, _SWAP_PREFIX)
         self._point_to(name, to)
         log.info("Rolled %s back from %s to %s", name, live, to)
-        return Release(name, to, self._releases(name) / to)
+        return Release(name, to, self._versions_dir(name) / to)
 
     # -- internals ------------------------------------------------------------------
+    def _prepare(self) -> None:
+        """Make the releases directory ready and clear what older code left in the root."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.releases.mkdir(parents=True, exist_ok=True)
+        if os.stat(self.root).st_dev != os.stat(self.releases).st_dev:
+            raise PublishError(f"the releases directory {self.releases} must be on the filesystem of {self.root}: "
+                               "the live symlink is swapped with rename(2), which cannot cross filesystems")
+        marker = self.releases / MARKER_FILE
+        if not marker.exists():
+            marker.write_text(f"{os.path.abspath(self.root)}\n")
+        for swap in self.root.glob(f".*{_SWAP_PREFIX}*"):  # older code made its swap links in the root
+            if swap.is_symlink():
+                log.info("Removing a swap link left in the root by an interrupted run: %s", swap)
+                swap.unlink(missing_ok=True)
+        if (self.root / OLD_RELEASES_DIR).is_dir():
+            with self._lock():  # parallel tasks (one per product) all reach this point
+                self._migrate_old_layout()
+
+    @contextmanager
+    def _lock(self) -> Iterator[None]:
+        with open(self.releases / MARKER_FILE, "a") as marker:
+            fcntl.flock(marker, fcntl.LOCK_EX)
+            yield
+
+    def _migrate_old_layout(self) -> None:
+        """Move versions from ``root/.releases/`` to the releases directory, keeping every name live.
+
+        Versions that are not live are renamed across. The live one is hard-link-copied,
+        the live symlink is re-pointed to the copy in one step, and only then is the old
+        copy removed. A crash at any point leaves a live ``root/name``; the next run
+        finishes the move.
+        """
+        old_releases = self.root / OLD_RELEASES_DIR
+        if not old_releases.is_dir():
+            return  # another process finished the move while we waited for the lock
+        for old_dir in sorted(p for p in old_releases.iterdir() if p.is_dir() and _SAFE_NAME.match(p.name)):
+            name = old_dir.name
+            self._versions_dir(name).mkdir(exist_ok=True)
+            live_dir = Path(os.path.realpath(self.live_path(name)))
+            versions = sorted(p for p in old_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+            for old_version in versions:
+                target = self._versions_dir(name) / old_version.name
+                if Path(os.path.realpath(old_version)) == live_dir:
+                    if not target.exists():
+                        self._copy_as_version(old_version, name, old_version.name)
+                    self._point_to(name, old_version.name)
+                    shutil.rmtree(old_version)
+                elif target.exists():
+                    shutil.rmtree(old_version)  # moved by a run that crashed before removing the old copy
+                else:
+                    os.rename(old_version, target)
+            shutil.rmtree(old_dir)  # what is left: staging directories of crashed runs
+            log.info("Moved %d kept versions of %s from %s to %s", len(versions), name, old_dir,
+                     self._versions_dir(name))
+        shutil.rmtree(old_releases)
+
+    def _new_staging_path(self, name: str) -> Path:
+        return self._versions_dir(name) / f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
+
+    def _copy_as_version(self, source: Path, name: str, version: str) -> Path:
+        """Hard-link-copy ``source`` to a kept version, through staging so a crash leaves no half copy."""
+        staging = self._new_staging_path(name)
+        copy_tree_linked(source, staging)
+        target = self._versions_dir(name) / version
+        os.rename(staging, target)
+        return target
+
+    def _new_link(self, name: str, version: str) -> Path:
+        """A symlink to ``version``, made in the releases directory so no temporary name shows in the root.
+
+        Its target is relative to the root, where it ends up, so a root and its releases
+        directory moved together stay valid. Real paths, in case either sits behind a symlink.
+        """
+        link = self._versions_dir(name) / f"{_SWAP_PREFIX}{uuid.uuid4().hex[:8]}"
+        version_dir = os.path.realpath(self._versions_dir(name) / version)
+        os.symlink(os.path.relpath(version_dir, os.path.realpath(self.root)), link)
+        return link
+
     def _point_to(self, name: str, version: str) -> None:
-        live = self.live_path(name)
-        swap = self.root / f".{name}.swap-{uuid.uuid4().hex[:8]}"
-        os.symlink(Path(RELEASES_DIR) / name / version, swap)
+        link = self._new_link(name, version)
         try:
-            os.replace(swap, live)  # rename(2): atomic for readers
+            os.replace(link, self.live_path(name))  # rename(2): atomic for readers, also across directories
         except OSError:
-            swap.unlink(missing_ok=True)
+            link.unlink(missing_ok=True)
             raise
 
-    def _adopt_legacy_directory(self, name: str) -> None:
-        """A real directory at ``root/name`` (made before this package) becomes a kept version."""
-        live = self.live_path(name)
-        if live.is_dir() and not live.is_symlink():
-            legacy = f"{new_version_id()}-legacy"
-            log.warning("Moving the existing directory %s into %s to keep it for rollback",
-                        live, self._releases(name) / legacy)
-            os.rename(live, self._releases(name) / legacy)
+    def _adopt_plain_directory(self, name: str) -> None:
+        """A real directory at ``root/name`` (made before this package) becomes a kept version.
 
-    def _remove_stale_staging(self, name: str) -> None:
-        for leftover in self._releases(name).glob(f"{_STAGING_PREFIX}*"):
-            log.info("Removing staging directory left by an interrupted run: %s", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
+        It is hard-link-copied to ``<version>-legacy`` and then exchanged with a symlink to
+        that copy in one step, so ``root/name`` is never missing.
+        """
+        live = self.live_path(name)
+        if not live.is_dir() or live.is_symlink():
+            return
+        version = f"{new_version_id()}-legacy"
+        log.warning("Keeping the existing directory %s as version %s for rollback", live, version)
+        self._copy_as_version(live, name, version)
+        link = self._new_link(name, version)
+        try:
+            _exchange(link, live)
+            replaced = link  # the exchange left the old directory where the link was
+        except _ExchangeUnsupported as exc:
+            log.warning("Atomic exchange is unavailable here (%s): %s is missing for a moment while it "
+                        "becomes a symlink", exc.strerror, live)
+            replaced = link.with_name(link.name + "-old")
+            os.rename(live, replaced)
+            try:
+                os.rename(link, live)
+            except OSError:
+                os.rename(replaced, live)
+                raise
+        except OSError:
+            link.unlink(missing_ok=True)
+            raise
+        shutil.rmtree(replaced)
+
+    def _remove_leftovers(self, name: str, *prefixes: str) -> None:
+        """Remove staging directories or temporary links that an interrupted run left behind."""
+        for prefix in prefixes:
+            for leftover in self._versions_dir(name).glob(f"{prefix}*"):
+                log.info("Removing %s left by an interrupted run", leftover)
+                _remove(leftover)
 
     def _prune(self, name: str) -> None:
         live = self.current(name)
         kept = self.versions(name)
         for version in kept[: max(0, len(kept) - self.keep)]:
             if version != live:
-                shutil.rmtree(self._releases(name) / version, ignore_errors=True)
+                shutil.rmtree(self._versions_dir(name) / version, ignore_errors=True)
                 log.info("Pruned old version %s of %s (keeping %d)", version, name, self.keep)
 
 
@@ -178,16 +370,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="inspection-publish", description="List or roll back published versions.")
     parser.add_argument("action", choices=["list", "rollback"])
     parser.add_argument("--root", required=True, help="index root or PatchCore root")
+    parser.add_argument("--releases", help="where versions are kept (default: <root>.releases beside the root)")
     parser.add_argument("--name", required=True, help="normal, defect, or a product code")
     parser.add_argument("--to", help="version to re-publish (default: the one before the live version)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    publisher = Publisher(args.root)
     try:
+        publisher = Publisher(args.root, releases=args.releases)
         if args.action == "rollback":
             release = publisher.rollback(args.name, args.to)
             print(f"{args.name}: live version is now {release.version}")
         else:
+            if (publisher.root / OLD_RELEASES_DIR).is_dir():
+                print(f"note: {publisher.root} still has the old layout; the next publish or rollback moves "
+                      f"its versions to {publisher.releases}", file=sys.stderr)
             live = publisher.current(args.name)
             for version in publisher.versions(args.name):
                 print(f"{'*' if version == live else ' '} {version}")

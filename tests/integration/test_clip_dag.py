@@ -171,13 +171,15 @@ def test_scheduled_runs_skip_when_unchanged_but_manual_runs_rebuild(env):
 
 
 def assert_failed_cleanly(env, result, message_part: str, version_before: str | None) -> dict:
+    from inspection_refresh.publish import default_releases_dir
+
     assert result.state == "failed"
     assert result.task_states["register"] == "failed"  # the run is marked failed, after recording it
     row = deployment_row(env["sql"], result.run_id)
     assert row["status"] == "failed" and row["completed_at"] is not None
     assert message_part in row["result_message"], row["result_message"]
     assert live_version(env["root"], "normal") == version_before
-    assert not list((env["root"] / ".releases" / "normal").glob(".staging-*"))
+    assert not list((default_releases_dir(env["root"]) / "normal").glob(".staging-*"))
     return row
 
 

@@ -8,6 +8,7 @@ The backbone has random-init weights (ImageNet weights cannot be downloaded here
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import pytest
@@ -75,6 +76,7 @@ def test_one_product_fails_the_other_publishes_and_history_says_so(env):
     assert len(list((bank / "ok").glob("*.jpg"))) == 8
     assert (bank / "score_histogram.png").is_file()
     assert (env["root"] / "EMPTY02" / "memory_bank.pt").read_bytes() == b"previous bank"
+    assert sorted(os.listdir(env["root"])) == ["EMPTY02", "TEX01"]  # the service takes every entry for a product
 
     rows = env["sql"]("SELECT * FROM deployment_logs WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s",
                       (result.run_id,))
@@ -96,6 +98,8 @@ def test_one_product_fails_the_other_publishes_and_history_says_so(env):
 
 
 def test_a_failing_build_script_keeps_the_old_bank_and_names_the_error(env, tmp_path):
+    from inspection_refresh.publish import default_releases_dir
+
     script = tmp_path / "broken_build.sh"
     script.write_text('#!/usr/bin/env bash\necho "building $PRODUCT_CODE"\n'
                       'echo "ERROR: GPU out of memory while building $PRODUCT_CODE" >&2\nexit 3\n')
@@ -106,4 +110,4 @@ def test_a_failing_build_script_keeps_the_old_bank_and_names_the_error(env, tmp_
                      (result.run_id,))[0]
     assert "TEX01 at build: ERROR: GPU out of memory while building TEX01" in row["result_message"]
     assert not (env["root"] / "TEX01").exists()
-    assert not list((env["root"] / ".releases" / "TEX01").glob(".staging-*"))
+    assert not list((default_releases_dir(env["root"]) / "TEX01").glob(".staging-*"))

@@ -68,7 +68,8 @@ class ClipRun:
 
     @property
     def publisher(self) -> Publisher:
-        return Publisher(self.settings.index_root, keep=self.settings.keep_versions)
+        return Publisher(self.settings.index_root, keep=self.settings.keep_versions,
+                         releases=self.settings.index_releases)
 
 
 def source_fingerprint(prefix: str, objects: list[ObjectInfo]) -> str:
