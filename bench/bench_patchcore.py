@@ -1,12 +1,19 @@
 """PatchCore benchmarks; writes ``bench/results/patchcore.json``.
 
-(a) ``build``: full builds of 4 products x 60 normal ~900x900 JPEGs (plus a few defect
-    images each, for AUROC) with default settings and ``--weights random``; every product
-    is built in its own subprocess, exactly as ``build_patchcore.sh`` runs it, and its wall
-    time and peak RSS (``os.wait4`` rusage of that child) are recorded.
-    Targets: all products in <= 120 s in total, every build's peak RSS < 2 GB.
+(a) ``build``: full builds of 4 products x 60 normal ~900x900 JPEGs (plus 6 labelled defect
+    images each, which the builder scores for its calibration AUROC, as the DAG passes them)
+    with ``--weights random``, once with the old ``build_bank.py`` settings (layer2-4, coreset
+    0.02) and once with this package's defaults. Every product is built in its own subprocess,
+    exactly as ``build_patchcore.sh`` runs it; its wall time and peak RSS (``os.wait4`` rusage of
+    that child) are recorded. Each published bank is then scored, untimed, by
+    ``ReferenceScorer`` (the service's query path, FAISS) on a test set the build never saw
+    (8 normal + 9 defect images per product): image AUROC and accuracy at tau.
+    Targets: each setting's 4 products in <= 90 s in total, every build's peak RSS < 2 GB.
 (b) ``coreset``: greedy k-center selection on 100,000 x 3,584 float32 random features at
     ratio 0.02, in a subprocess. Targets: <= 15 s, peak RSS < 2 GB.
+
+Random weights (no pretrained download here): AUROC compares settings on these synthetic
+textures only; it says nothing about ImageNet features on real parts.
 
 Usage::
 
@@ -32,7 +39,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "patchcore.json"
 GB = 1024**3
-BUILD_TARGETS = {"total_seconds": 120.0, "peak_rss_bytes": 2 * GB}
+BUILD_TARGETS = {"total_seconds": 90.0, "peak_rss_bytes": 2 * GB}
+SETTINGS = {
+    "old_build_bank": ["--layers", "layer2,layer3,layer4", "--coreset", "0.02"],
+    "defaults": [],
+}
+TEST_NORMALS, TEST_DEFECTS = 8, 9
 CORESET_TARGETS = {"seconds": 15.0, "peak_rss_bytes": 2 * GB}
 
 
@@ -54,53 +66,82 @@ def run_measured(command: list[str], env: dict[str, str] | None = None, log_path
 
 
 def make_dataset(root: Path, products: int, normals: int, defects: int) -> float:
-    """Write ``{root}/P{i}/ok`` and ``{root}/P{i}/defect`` JPEGs; returns the seconds it took."""
+    """Write ``{root}/P{i}/{ok,defect}`` (build input) and ``{root}/P{i}/test/{ok,defect}``; returns seconds."""
     from inspection_refresh.dev.samples import DEFECT_TYPES, render_defect, render_normal
 
     started = time.perf_counter()
     for product in range(products):
-        ok, defect = root / f"P{product}" / "ok", root / f"P{product}" / "defect"
-        ok.mkdir(parents=True)
-        defect.mkdir(parents=True)
-        for seed in range(normals):
-            render_normal(product, seed).save(ok / f"P{product}_{seed:03d}.jpg", quality=90)
-        for seed in range(defects):
-            kind = DEFECT_TYPES[seed % len(DEFECT_TYPES)]
-            render_defect(product, 10_000 + seed, kind).save(defect / f"P{product}_{kind}_{seed:03d}.jpg", quality=90)
+        base = root / f"P{product}"
+        sets = [(base / "ok", range(normals), None), (base / "defect", range(10_000, 10_000 + defects), True),
+                (base / "test" / "ok", range(5_000, 5_000 + TEST_NORMALS), None),
+                (base / "test" / "defect", range(20_000, 20_000 + TEST_DEFECTS), True)]
+        for directory, seeds, defect in sets:
+            directory.mkdir(parents=True)
+            for number, seed in enumerate(seeds):
+                kind = DEFECT_TYPES[number % len(DEFECT_TYPES)]
+                image = render_defect(product, seed, kind) if defect else render_normal(product, seed)
+                image.save(directory / f"P{product}_{kind if defect else 'ok'}_{seed:05d}.jpg", quality=90)
     return time.perf_counter() - started
+
+
+def score_test_set(bank_dir: Path, test_dir: Path) -> dict:
+    """The service's scoring of images the build never saw: AUROC and accuracy at tau."""
+    from inspection_refresh.patchcore.calibration import accuracy_at_tau, auroc
+    from inspection_refresh.patchcore.scoring import ReferenceScorer
+
+    scorer = ReferenceScorer.from_bank_dir(bank_dir, device="cpu")
+    normal = [scorer.score(p).score for p in sorted((test_dir / "ok").iterdir())]
+    defect = [scorer.score(p).score for p in sorted((test_dir / "defect").iterdir())]
+    return {"test_normal_images": len(normal), "test_defect_images": len(defect),
+            "auroc": round(auroc(normal, defect), 4),
+            "accuracy_at_tau": round(accuracy_at_tau(normal, defect, scorer.tau["image"]), 4)}
 
 
 def bench_build(products: int, normals: int, defects: int, workdir: Path | None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_patchcore_") as tmp:
         root = workdir or Path(tmp)
         generation = make_dataset(root, products, normals, defects)
-        runs = []
-        for product in range(products):
-            name = f"P{product}"
-            command = [sys.executable, "-m", "inspection_refresh.patchcore.build", "--product", name,
-                       "--ok_dir", str(root / name / "ok"), "--out_dir", str(root / name / "bank"),
-                       "--defect_dir", str(root / name / "defect"), "--weights", "random"]
-            result = run_measured(command, log_path=root / f"{name}.log")
-            summary = next((json.loads(line.split(" ", 1)[1]) for line in result["stdout"].splitlines()
-                            if line.startswith("PATCHCORE_SUMMARY ")), None)
-            if result["returncode"] != 0:
-                print((root / f"{name}.log").read_text()[-3000:], file=sys.stderr)
-            runs.append({"product": name, "returncode": result["returncode"], "wall_seconds": result["seconds"],
-                         "peak_rss_mb": round(result["peak_rss_bytes"] / 2**20, 1),
-                         "peak_rss_bytes": result["peak_rss_bytes"], "summary": summary})
-            print(f"build {name}: {result['seconds']:.1f}s, peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MB, "
-                  f"AUROC {summary and summary.get('auroc')}", flush=True)
+        results = {"dataset_generation_seconds": round(generation, 2)}
+        for setting, extra_args in SETTINGS.items():
+            results[setting] = bench_setting(root, products, setting, extra_args)
+    results["setup"] = {"products": products, "normal_images_per_product": normals,
+                        "defect_images_per_product": defects, "image_size": [900, 900], "format": "JPEG q90",
+                        "test_set_per_product": {"normal": TEST_NORMALS, "defect": TEST_DEFECTS},
+                        "weights": "random (offline)"}
+    return results
+
+
+def bench_setting(root: Path, products: int, setting: str, extra_args: list[str]) -> dict:
+    runs = []
+    for product in range(products):
+        name = f"P{product}"
+        bank_dir = root / name / f"bank-{setting}"
+        command = [sys.executable, "-m", "inspection_refresh.patchcore.build", "--product", name,
+                   "--ok_dir", str(root / name / "ok"), "--out_dir", str(bank_dir),
+                   "--defect_dir", str(root / name / "defect"), "--weights", "random", *extra_args]
+        result = run_measured(command, log_path=root / f"{name}-{setting}.log")
+        summary = next((json.loads(line.split(" ", 1)[1]) for line in result["stdout"].splitlines()
+                        if line.startswith("PATCHCORE_SUMMARY ")), None)
+        if result["returncode"] != 0:
+            print((root / f"{name}-{setting}.log").read_text()[-3000:], file=sys.stderr)
+        scored = score_test_set(bank_dir, root / name / "test") if result["returncode"] == 0 else None
+        runs.append({"product": name, "returncode": result["returncode"], "wall_seconds": result["seconds"],
+                     "peak_rss_mb": round(result["peak_rss_bytes"] / 2**20, 1),
+                     "peak_rss_bytes": result["peak_rss_bytes"], "reference_scorer_test_set": scored,
+                     "summary": summary})
+        print(f"{setting} {name}: {result['seconds']:.1f}s, peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MB, "
+              f"test AUROC {scored and scored['auroc']}, accuracy at tau {scored and scored['accuracy_at_tau']}",
+              flush=True)
     total = sum(r["wall_seconds"] for r in runs)
     peak = max(r["peak_rss_bytes"] for r in runs)
     ok = all(r["returncode"] == 0 for r in runs)
     return {
-        "setup": {"products": products, "normal_images_per_product": normals, "defect_images_per_product": defects,
-                  "image_size": [900, 900], "format": "JPEG q90",
-                  "options": "defaults (shorter 512, stride 2, layers layer2,layer3, coreset 0.1) + --weights random"},
-        "dataset_generation_seconds": round(generation, 2),
+        "options": " ".join(extra_args) or "defaults",
         "products": runs,
         "total_seconds": round(total, 2),
         "max_peak_rss_mb": round(peak / 2**20, 1),
+        "mean_test_auroc": round(sum(r["reference_scorer_test_set"]["auroc"] for r in runs) / len(runs), 4) if ok
+        else None,
         "targets": {"total_seconds": BUILD_TARGETS["total_seconds"],
                     "peak_rss_mb": BUILD_TARGETS["peak_rss_bytes"] / 2**20},
         "pass": {"all_completed": ok, "total_seconds": ok and total <= BUILD_TARGETS["total_seconds"],

@@ -37,7 +37,8 @@ Per product (the `product` group is mapped, one row per product code in the UI):
    environment: `PRODUCT_CODE`, `OK_DIR`, `OUT_DIR`, `DEFECT_DIRS`, `PATCHCORE_SHORTER`, `PATCHCORE_STRIDE`,
    `PATCHCORE_LAYERS`, `PATCHCORE_CORESET`, `PATCHCORE_WEIGHTS`, `PATCHCORE_DEVICE`, `PYTHON`.
    Builds share the pool `patchcore_build` (create it with `airflow pools set patchcore_build 1 ...`).
-3. **publish** — validates the bank (shapes, finite values, sane tau, config as requested) and publishes it
+3. **publish** — validates the bank (the service's extraction and the requested weights recorded, shapes, finite values,
+   sane tau, config as requested) and publishes it
    atomically. A product whose build fails keeps its previous bank; the others still publish.
 
 **register** writes one `patchcore_create` row in `deployment_logs` with per-product results, `completed`
@@ -68,7 +69,8 @@ with DAG(
         "layers": Param(["layer2", "layer3"], type="array",
                         items={"type": "string", "enum": list(pipeline.LAYERS)}, title="ResNet-50 layers"),
         "weights": Param(settings.patchcore_weights, type="string", title="Backbone weights",
-                         description="imagenet, a checkpoint path, or random (offline demo only)."),
+                         description="imagenet (torchvision IMAGENET1K_V2, as the service), a checkpoint path, "
+                                     "or random (offline demo only)."),
         "device": Param("auto", type="string", enum=["auto", "cpu", "cuda"], title="Device"),
         "script": Param("", type="string", title="Build script",
                         description="Path of another build script (same environment contract); "
@@ -122,7 +124,8 @@ with DAG(
             # One asset event per published bank, even if another product of the run fails.
             context["outlet_events"][BANKS].add(
                 Asset(name=f"patchcore_bank_{product['product_code']}", group="patchcore_bank"),
-                extra={k: result.get(k) for k in ("version", "path", "bank_size", "feature_dim", "tau", "auroc")})
+                extra={k: result.get(k) for k in ("version", "path", "bank_size", "feature_dim", "tau", "auroc",
+                                                  "accuracy_at_tau")})
             return result
 
         env >> build >> publish(product)

@@ -147,7 +147,7 @@ def report() -> str:
 
     settings = get_settings()
     lines = ["", "CLIP indexes (the service reads <root>/<type>/):"]
-    clip = Publisher(settings.index_root)
+    clip = Publisher(settings.index_root, releases=settings.index_releases)
     for index_type in ("normal", "defect"):
         live = clip.current(index_type)
         manifest_path = clip.live_path(index_type) / "manifest.json"
@@ -157,29 +157,38 @@ def report() -> str:
                          f"dim {manifest['dim']}, model {manifest['model']} / {Path(str(manifest['pretrained'])).name}")
         else:
             lines.append(f"  {clip.live_path(index_type)}: not published")
-    banks = Publisher(settings.patchcore_root)
+    banks = Publisher(settings.patchcore_root, releases=settings.patchcore_releases)
     registry = DeploymentRegistry()
     latest = next(iter(registry.history(limit=1, deploy_type="patchcore_create")), None)
     built = ((latest or {}).get("result_data") or {}).get("products", {})
     codes = sorted(p.name for p in settings.patchcore_root.glob("*") if p.is_symlink())
-    lines.append("PatchCore banks (<root>/<product_code>/; AUROC on held-out normal vs labelled defect images):")
+    lines.append("PatchCore banks (<root>/<product_code>/). Held-out normal and labelled defect images scored by the "
+                 "service's query path (ReferenceScorer) against a bank built without them:")
     if not codes:
         lines.append("  none published")
     for code in codes:
         bank = banks.live_path(code)
         config = json.loads((bank / "bank_config.json").read_text())
         tau = json.loads((bank / "tau.json").read_text())
+        calibration = config.get("calibration") or {}
         run = built.get(code, {})
-        auroc = f"{run['auroc']:.3f}" if isinstance(run.get("auroc"), (int, float)) else "n/a"
         seconds = f"{run['seconds']:.0f}s" if isinstance(run.get("seconds"), (int, float)) else "n/a"
-        lines.append(f"  {code}: bank {config.get('bank_size')} x {config.get('feature_dim')}, "
-                     f"tau image {tau['image']:.4f} / pixel {tau['pixel']:.4f}, build {seconds}, AUROC {auroc}, "
-                     f"histogram {bank / 'score_histogram.png'}")
+        weights = (config.get("weights") or {}).get("name", "unknown")
+        lines.append(
+            f"  {code}: bank {config.get('bank_size')} x {config.get('feature_dim')} ({weights} weights), "
+            f"tau image {tau['image']:.4f} / pixel {tau['pixel']:.4f}, build {seconds}, "
+            f"AUROC {_figure(calibration.get('auroc'))}, accuracy at tau {_figure(calibration.get('accuracy_at_tau'))} "
+            f"({calibration.get('num_holdout_images', 0)} normal + {calibration.get('num_defect_images', 0)} defect "
+            f"images), histogram {bank / 'score_histogram.png'}")
     lines.append("Deployment history (deployment_logs, newest first):")
     for row in registry.history(limit=10):
         lines.append(f"  #{row['deploy_id']:<4} {row['deploy_type']:<17} {row['status']:<10} "
                      f"{row['started_at']}  {row['result_message']}")
     return "\n".join(lines)
+
+
+def _figure(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, (int, float)) else "n/a"
 
 
 def main(argv: list[str] | None = None) -> int:

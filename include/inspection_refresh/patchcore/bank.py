@@ -18,13 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from inspection_refresh.patchcore.options import BankValidationError, feature_dim, parse_layers
+from inspection_refresh.patchcore.options import EXTRACTOR_VERSION, BankValidationError, feature_dim, parse_layers
 
 BANK_FILE = "memory_bank.pt"
 CONFIG_FILE = "bank_config.json"
 TAU_FILE = "tau.json"
 HISTOGRAM_FILE = "score_histogram.png"
 BANK_FILES = (BANK_FILE, CONFIG_FILE, TAU_FILE, HISTOGRAM_FILE)
+SERVICE_IMAGENET_WEIGHTS = "ResNet50_Weights.IMAGENET1K_V2"
 
 
 def write_bank(out_dir: Path, bank: np.ndarray, config: dict[str, Any], tau: dict[str, float],
@@ -55,12 +56,17 @@ def write_bank(out_dir: Path, bank: np.ndarray, config: dict[str, Any], tau: dic
 def validate_bank(bank_dir: Path | str, expected: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check a bank directory as the service would load it; returns facts about it.
 
-    Checks: all files present; ``memory_bank.pt`` is a finite float32 ``Tensor[M, D]`` with
-    ``M >= 1`` and unit-norm rows, ``D`` matching ``layers``; ``bank_config.json`` has
-    ``layers``/``shorter``/``stride`` (and any other key of ``expected``, e.g. ``weights``:
-    ``"imagenet"``, ``"random"`` or a checkpoint path) equal to ``expected``'s; ``tau.json``
-    has finite ``pixel`` and ``image`` > 0. Raises ``BankValidationError`` saying what is wrong.
-    Returns ``{"bank_dir", "bank_size", "feature_dim", "layers", "shorter", "stride", "tau", "weights"}``.
+    Checks: all files present; ``bank_config.json`` records how the features were extracted
+    (``extractor_version``, ``decoder``, ``weights`` with a sha256) and that is this package's
+    extraction, the service's query path (a bank without that record is refused as "extraction
+    unknown"; ``imagenet`` weights other than IMAGENET1K_V2 are refused); ``layers``/``shorter``/
+    ``stride`` (and any other key of ``expected``, e.g. ``weights``: ``"imagenet"``, ``"random"``
+    or a checkpoint path, whose file must still have the recorded sha256) equal ``expected``'s;
+    ``memory_bank.pt`` is a finite float32 ``Tensor[M, D]`` with ``M >= 1`` and unit-norm rows,
+    ``D`` matching ``layers``; ``tau.json`` has finite ``pixel`` and ``image`` > 0.
+    Raises ``BankValidationError`` saying what is wrong.
+    Returns ``{"bank_dir", "bank_size", "feature_dim", "layers", "shorter", "stride", "tau", "weights",
+    "extractor_version"}``.
     """
     import torch
 
@@ -77,6 +83,7 @@ def validate_bank(bank_dir: Path | str, expected: dict[str, Any] | None = None) 
         layers = parse_layers(config["layers"])
     except Exception as exc:
         raise BankValidationError(f"{bank_dir / CONFIG_FILE}: bad layers {config['layers']!r}: {exc}") from exc
+    _check_extraction(bank_dir / CONFIG_FILE, config)
     for key, value in (expected or {}).items():
         actual, wanted = _compared(key, value, config, layers)
         if actual != wanted:
@@ -118,7 +125,31 @@ def validate_bank(bank_dir: Path | str, expected: dict[str, Any] | None = None) 
         "stride": config["stride"],
         "tau": {"pixel": float(tau["pixel"]), "image": float(tau["image"])},
         "weights": config.get("weights"),
+        "extractor_version": config["extractor_version"],
     }
+
+
+def _check_extraction(config_path: Path, config: dict[str, Any]) -> None:
+    """The bank's features were made by the service's query path, with known weights."""
+    from inspection_refresh.patchcore.images import DECODER
+
+    weights = config.get("weights")
+    missing = [key for key in ("extractor_version", "decoder") if key not in config]
+    if not isinstance(weights, dict) or "sha256" not in weights:
+        missing.append("weights with sha256")
+    if missing:
+        raise BankValidationError(
+            f"{config_path}: extraction unknown (no {', '.join(missing)}): the bank was made by an older "
+            "builder or another tool, so its features may not match the service's query path; rebuild it "
+            "with this package's builder")
+    if config["extractor_version"] != EXTRACTOR_VERSION or config["decoder"] != DECODER:
+        raise BankValidationError(
+            f"{config_path}: features were extracted by {config['extractor_version']!r} with "
+            f"{config['decoder']!r}; the service's query path is {EXTRACTOR_VERSION!r} with {DECODER!r}: rebuild it")
+    if weights.get("name") == "imagenet" and weights.get("torchvision_weights") != SERVICE_IMAGENET_WEIGHTS:
+        raise BankValidationError(
+            f"{config_path}: built with {weights.get('torchvision_weights')!r}; the service's ResNet-50 uses "
+            f"{SERVICE_IMAGENET_WEIGHTS}, so distances and tau would be wrong: rebuild it")
 
 
 def _compared(key: str, value: Any, config: dict[str, Any], layers: list[str]) -> tuple[Any, Any]:
@@ -129,7 +160,12 @@ def _compared(key: str, value: Any, config: dict[str, Any], layers: list[str]) -
         weights = config.get("weights") if isinstance(config.get("weights"), dict) else {}
         if value in ("imagenet", "random"):
             return weights.get("name"), value
-        return weights.get("path"), str(Path(value).resolve())
+        path = Path(value).resolve()
+        if weights.get("path") == str(path) and path.is_file():
+            from inspection_refresh.clip.weights import file_sha256
+
+            return f"{path} (sha256 {weights.get('sha256')})", f"{path} (sha256 {file_sha256(path)})"
+        return weights.get("path"), str(path)
     return config.get(key), value
 
 

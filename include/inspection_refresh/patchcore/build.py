@@ -39,11 +39,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from inspection_refresh import __version__
-from inspection_refresh.patchcore.images import RESIZE_METHOD, ImageInfo, list_images, load_rgb, probe
-from inspection_refresh.patchcore.options import EXTRACTOR_VERSION, BankBuildError, BuildOptions
+from inspection_refresh.patchcore.images import (
+    DECODER, RESIZE_METHOD, ImageDecodeError, ImageInfo, list_images, load_rgb, probe)
+from inspection_refresh.patchcore.options import (
+    EXTRACTOR_VERSION, OLD_BUILD_BANK_DEFAULTS, BankBuildError, BuildOptions)
 from inspection_refresh.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -68,11 +69,12 @@ def build_product(
     "weights"}``. Raises ``BankBuildError`` with a message naming the file or directory.
     """
     from inspection_refresh.patchcore.bank import write_bank
-    from inspection_refresh.patchcore.calibration import NearestNeighbourScorer, image_score, plot_histogram
+    from inspection_refresh.patchcore.calibration import image_score, plot_histogram
     from inspection_refresh.patchcore.coreset import KCenterGreedy
     from inspection_refresh.patchcore.features import (
         PatchFeatureExtractor, load_resnet50, patch_grid, resolve_device)
     from inspection_refresh.patchcore.reservoir import PatchReservoir
+    from inspection_refresh.patchcore.scoring import ReferenceScorer
 
     started = time.monotonic()
     options = options or BuildOptions()
@@ -93,15 +95,19 @@ def build_product(
 
     device = resolve_device(options.device)
     backbone, weights = load_resnet50(options.weights, options.seed, options.layers)
-    extractor = PatchFeatureExtractor(backbone, options.layers, options.stride).to(device)
+    extractor = PatchFeatureExtractor(backbone, options.layers, options.stride, copy=False).to(device)
     del backbone
-    batch_size = options.batch_size or (8 if device.type == "cuda" else 1)
+    batch_size = options.batch_size or (8 if device.type == "cuda" else 4)
 
     def extract(images: list[ImageInfo], stage: str) -> Iterator[np.ndarray]:
         return _extract(extractor, images, options.shorter, batch_size, device, f"{tag} features ({stage})")
 
     expected = sum(int(np.prod(patch_grid(*info.size, options.layers[0], options.stride))) for info in normals)
-    reservoir = PatchReservoir(options.reservoir_max, extractor.feature_dim, options.seed, expected=expected)
+    # Patch features wait for the coreset search in a temporary file beside the output (page cache, not
+    # process memory); the search itself holds only their 128-d projection.
+    spill_dir = out_dir.parent if out_dir.parent.is_dir() else None
+    reservoir = PatchReservoir(options.reservoir_max, extractor.feature_dim, options.seed, expected=expected,
+                               spill_dir=spill_dir)
     sampler = KCenterGreedy(options.projection_dim, options.seed)
 
     # 1. Calibration-bank images -> reservoir -> calibration bank (a coreset of them only).
@@ -114,16 +120,17 @@ def build_product(
     # Count-mode coresets scale with the share of images, so both banks have the same density.
     calib_size = _coreset_size(options, reservoir.size, used_calib / len(normals))
     calib_bank = reservoir.features[_select(sampler, reservoir.features, calib_size, f"{tag} coreset (calibration)")]
-    scorer = NearestNeighbourScorer(calib_bank)
+    # The service's scoring, against the calibration bank (no tau yet: it is what we calibrate).
+    scorer = ReferenceScorer(extractor, calib_bank, options.shorter, device=device, search="matmul")
     # 2. Held-out normals: scored against the calibration bank, then pooled for the final bank.
     holdout_distances = []
     for feats in extract(holdout, "held out"):
-        holdout_distances.append(scorer.distances(feats))
+        holdout_distances.append(scorer.patch_distances(feats))
         reservoir.add(feats)
     if not holdout_distances:
         raise BankBuildError(f"none of the held-out images in {ok_dir} could be decoded; check the files")
     # 3. Defect images: scored only, never pooled.
-    defect_scores = [image_score(scorer.distances(feats)) for feats in extract(defects, "defect")]
+    defect_scores = [scorer.score_features(feats) for feats in extract(defects, "defect")]
     calibration = _calibration(options, used_calib, calib_bank.shape[0], holdout_distances, defect_scores)
     # 4. The published bank: a greedy k-center coreset of all normal images' patches.
     bank = _final_bank(sampler, reservoir.features, calib_bank, _coreset_size(options, reservoir.size, 1.0),
@@ -150,6 +157,7 @@ def build_product(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "builder": f"inspection_refresh {__version__}",
     }
+    reservoir.close()
     del reservoir, scorer
     tau, score_auroc = calibration["tau"], calibration["auroc"]
     normal_scores = [image_score(d) for d in holdout_distances]
@@ -160,6 +168,7 @@ def build_product(
         "product": product, "status": "completed", "num_images": num_images,
         "num_skipped": config["num_skipped_images"], "num_defect_images": len(defect_scores),
         "bank_size": int(bank.shape[0]), "feature_dim": extractor.feature_dim, "tau": tau, "auroc": score_auroc,
+        "accuracy_at_tau": calibration["accuracy_at_tau"],
         "seconds": round(time.monotonic() - started, 2), "out_dir": str(out_dir), "weights": weights["name"],
     }
     log.info("%s bank of %d x %d written to %s in %.1fs (tau pixel %.4f, image %.4f, AUROC %s)",
@@ -170,7 +179,9 @@ def build_product(
 
 def _extraction_record(weights: dict[str, Any], feature_dim: int, device: str) -> dict[str, Any]:
     """How features were extracted, beyond ``layers``/``shorter``/``stride``, for ``bank_config.json``."""
-    from inspection_refresh.patchcore.features import IMAGENET_MEAN, IMAGENET_STD
+    import cv2
+
+    from inspection_refresh.patchcore.features import IMAGENET_MEAN, IMAGENET_STD, POOLING
 
     return {
         "backbone": "resnet50",
@@ -179,10 +190,11 @@ def _extraction_record(weights: dict[str, Any], feature_dim: int, device: str) -
         "feature_dim": feature_dim,
         "dtype": "float32",
         "extractor_version": EXTRACTOR_VERSION,
-        "input": {"color": "RGB", "range": [0.0, 1.0], "resize": RESIZE_METHOD,
+        "decoder": DECODER,
+        "opencv_version": cv2.__version__,
+        "input": {"color": "BGR decoded, converted to RGB", "range": [0.0, 1.0], "resize": RESIZE_METHOD,
                   "normalize_mean": list(IMAGENET_MEAN), "normalize_std": list(IMAGENET_STD)},
-        "feature_pooling": "each layer L2-normalised over channels, upsampled bilinearly (align_corners=False) "
-                           "to the first layer's grid, concatenated, every stride-th cell kept, L2-normalised again",
+        "feature_pooling": POOLING,
         "inference": f"float32 on {device}; BatchNorm folded into convolutions and channels_last memory "
                      "format (same function, float rounding differences only)",
     }
@@ -191,24 +203,28 @@ def _extraction_record(weights: dict[str, Any], feature_dim: int, device: str) -
 def _calibration(options: BuildOptions, calib_images: int, calib_bank_size: int,
                  holdout_distances: list[np.ndarray], defect_scores: list[float]) -> dict[str, Any]:
     """tau, AUROC and how they were obtained, for ``bank_config.json``."""
-    from inspection_refresh.patchcore.calibration import auroc, calibrate_tau, image_score
+    from inspection_refresh.patchcore.calibration import accuracy_at_tau, auroc, calibrate_tau, image_score
 
     normal_scores = [image_score(d) for d in holdout_distances]
+    tau = calibrate_tau(holdout_distances, options.pixel_pct, options.image_pct)
     return {
         "method": "held-out normal images scored against a coreset of the other normal images",
-        "distance": "L2 to nearest bank patch (faiss IndexFlatL2, sqrt)",
-        "image_score": "99th percentile of the image's patch distances",
+        "scorer": "inspection_refresh.patchcore.scoring.ReferenceScorer (the service's query path)",
+        "distance": "L2 to nearest bank patch: FAISS IndexFlatL2's formula (|q|^2 + |b|^2 - 2 q.b, sqrt) computed "
+                    "with torch matmul; equal to FAISS up to float rounding",
+        "image_score": "numpy.percentile(patch distances, 99)",
         "holdout_fraction": options.holdout,
         "num_calibration_bank_images": calib_images,
         "num_holdout_images": len(holdout_distances),
         "calibration_bank_size": int(calib_bank_size),
         "pixel_pct": options.pixel_pct,
         "image_pct": options.image_pct,
-        "tau": calibrate_tau(holdout_distances, options.pixel_pct, options.image_pct),
+        "tau": tau,
         "holdout_image_scores": _describe(normal_scores),
         "num_defect_images": len(defect_scores),
         "defect_image_scores": _describe(defect_scores) if defect_scores else None,
         "auroc": auroc(normal_scores, defect_scores) if defect_scores else None,
+        "accuracy_at_tau": accuracy_at_tau(normal_scores, defect_scores, tau["image"]),
     }
 
 
@@ -218,9 +234,16 @@ def build_root(root: Path | str, options: BuildOptions | None = None) -> list[di
     Returns one summary per product; a failed product gets ``status: "failed"`` and
     ``error`` and does not stop the others.
     """
+    from inspection_refresh.publish import is_published_root
+
     root = Path(root)
     if not root.is_dir():
         raise BankBuildError(f"--root {root} is not a directory")
+    if is_published_root(root):
+        raise BankBuildError(
+            f"--root {root} is a published PatchCore root (its product directories are releases the service "
+            "is reading): building there would rewrite live files in place. Build into a copy "
+            "(--ok_dir/--out_dir or --root on another directory) and publish it with the DAG")
     products = sorted(p for p in root.iterdir() if (p / "ok").is_dir())
     if not products:
         raise BankBuildError(f"no product directories with an ok/ folder under {root} (expected {root}/<product>/ok)")
@@ -338,12 +361,24 @@ def _extract(extractor: Any, images: list[ImageInfo], shorter: int, batch_size: 
             progress.update(len(batches[number]) - len(loaded))
             if not loaded:
                 continue
-            pixels = torch.from_numpy(np.stack([array for _, array in loaded])).permute(0, 3, 1, 2)
-            feats = extractor(pixels.to(device)).cpu().numpy()
-            for image_feats in feats:
-                yield image_feats
-                progress.update(1)
+            for group in _same_shape_runs([array for _, array in loaded]):
+                pixels = torch.from_numpy(np.stack(group)).permute(0, 3, 1, 2)
+                for image_feats in extractor(pixels.to(device)).cpu().numpy():
+                    yield image_feats
+                    progress.update(1)
     progress.finish()
+
+
+def _same_shape_runs(arrays: list[np.ndarray]) -> Iterator[list[np.ndarray]]:
+    """Consecutive arrays of one shape (a header's size can differ from the decoded one: EXIF, odd files)."""
+    run: list[np.ndarray] = []
+    for array in arrays:
+        if run and run[0].shape != array.shape:
+            yield run
+            run = []
+        run.append(array)
+    if run:
+        yield run
 
 
 def _load_batch(batch: list[ImageInfo], shorter: int) -> list[tuple[ImageInfo, np.ndarray]]:
@@ -351,11 +386,8 @@ def _load_batch(batch: list[ImageInfo], shorter: int) -> list[tuple[ImageInfo, n
     for info in batch:
         try:
             array = load_rgb(info.path, shorter)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except (ImageDecodeError, OSError, ValueError) as exc:
             log.warning("skipping undecodable image %s: %s", info.path, exc)
-            continue
-        if array.shape[1::-1] != info.size:  # header and pixels disagree (e.g. EXIF oddities): skip, do not guess
-            log.warning("skipping %s: decoded size %s differs from its header", info.path, array.shape[1::-1])
             continue
         loaded.append((info, array))
     return loaded
@@ -370,7 +402,12 @@ def _parser() -> argparse.ArgumentParser:
     defaults = BuildOptions()
     parser = argparse.ArgumentParser(
         prog="python -m inspection_refresh.patchcore.build",
-        description="Build PatchCore memory banks (memory_bank.pt, bank_config.json, tau.json, score_histogram.png).",
+        description="Build PatchCore memory banks (memory_bank.pt, bank_config.json, tau.json, score_histogram.png) "
+                    "with the inspection service's own feature extraction (OpenCV decoding, ResNet-50 IMAGENET1K_V2).",
+        epilog="Defaults next to the old build_bank.py's (chosen from measurements, see the README):\n"
+               + "\n".join(f"  --{name:<14} {_shown(getattr(defaults, name)):<22} old: {old}"
+                           for name, old in OLD_BUILD_BANK_DEFAULTS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--root", type=Path, help="build every {root}/{product}/ok into {root}/{product}/")
@@ -387,18 +424,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--coreset", type=float, default=defaults.coreset,
                         help="ratio of patches in (0, 1], or a patch count > 1 (default %(default)s)")
     parser.add_argument("--reservoir_max", type=int, default=defaults.reservoir_max,
-                        help="patches kept in memory per product before reservoir sampling (default %(default)s)")
+                        help="patches kept per product (in a temporary file beside the output) before reservoir "
+                             "sampling (default %(default)s)")
     parser.add_argument("--seed", type=int, default=defaults.seed, help="default %(default)s")
-    parser.add_argument("--pixel_pct", type=float, default=defaults.pixel_pct, help="default %(default)s")
-    parser.add_argument("--image_pct", type=float, default=defaults.image_pct, help="default %(default)s")
+    pct_help = ("percentile of held-out normal {} for tau.{}: a quantile in (0, 1] as the old build_bank.py "
+                "took it (0.995 = 99.5th percentile) or a percentile in (1, 100] (default %(default)s)")
+    parser.add_argument("--pixel_pct", type=float, default=defaults.pixel_pct,
+                        help=pct_help.format("patch distances", "pixel"))
+    parser.add_argument("--image_pct", type=float, default=defaults.image_pct,
+                        help=pct_help.format("image scores", "image"))
     parser.add_argument("--holdout", type=float, default=defaults.holdout,
                         help="share of normal images held out to calibrate tau (default %(default)s)")
     parser.add_argument("--weights", default=defaults.weights,
-                        help="imagenet | random (offline demo/tests) | path to a resnet50 state_dict "
+                        help="imagenet (torchvision IMAGENET1K_V2, the service's) | random (offline demo/tests) | "
+                             "path to a resnet50 state_dict "
                              "(default %(default)s)")
     parser.add_argument("--device", default=defaults.device, help="auto | cpu | cuda (default %(default)s)")
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size,
-                        help="images per forward pass; 0 = 1 on CPU, 8 on CUDA (default %(default)s)")
+                        help="images per forward pass; 0 = 4 on CPU, 8 on CUDA (default %(default)s)")
     parser.add_argument("--projection_dim", type=int, default=defaults.projection_dim,
                         help="random projection dims for the coreset search (default %(default)s)")
     parser.add_argument("--final_coreset", choices=["extend", "fresh"], default=defaults.final_coreset,
@@ -406,6 +449,10 @@ def _parser() -> argparse.ArgumentParser:
                              "(default %(default)s)")
     parser.add_argument("--log_level", default="INFO", help="default %(default)s")
     return parser
+
+
+def _shown(value: Any) -> str:
+    return ",".join(value) if isinstance(value, list) else f"{value:,}" if isinstance(value, int) else str(value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,22 +12,51 @@ from pathlib import Path
 import numpy as np
 
 IMAGE_SCORE_PERCENTILE = 99.0
+_PRODUCT_ELEMENTS = 1 << 24  # 64 MB of float32 distances at a time
 
 
 class NearestNeighbourScorer:
-    """Exact nearest-neighbour L2 distances to a fixed bank ``float32 [M, D]``."""
+    """Exact nearest-neighbour L2 distances to a fixed bank ``float32 [M, D]``.
 
-    def __init__(self, bank: np.ndarray) -> None:
-        import faiss
+    ``search="faiss"`` (default) is the service's search: ``faiss.IndexFlatL2``, square root
+    taken. ``search="matmul"`` computes the same formula FAISS uses, ``|q|^2 + |b|^2 - 2 q.b``
+    minimised over the bank, with torch's matrix product: several times faster on CPU than
+    this FAISS build for a few thousand queries, identical up to float rounding (tested to
+    1e-5); the builder uses it to score its held-out images.
+    """
 
+    def __init__(self, bank: np.ndarray, search: str = "faiss") -> None:
         bank = np.ascontiguousarray(bank, dtype=np.float32)
-        self.index = faiss.IndexFlatL2(bank.shape[1])
-        self.index.add(bank)
+        self.search = search
+        if search == "faiss":
+            import faiss
+
+            self.index = faiss.IndexFlatL2(bank.shape[1])
+            self.index.add(bank)
+        elif search == "matmul":
+            import torch
+
+            self._bank = torch.from_numpy(bank)
+            self._bank_sq = torch.einsum("ij,ij->i", self._bank, self._bank)
+        else:
+            raise ValueError(f"search must be 'faiss' or 'matmul', got {search!r}")
 
     def distances(self, patches: np.ndarray) -> np.ndarray:
         """``float32 [P]``: distance of each patch (``[P, D]``) to its nearest bank row."""
-        squared, _ = self.index.search(np.ascontiguousarray(patches, dtype=np.float32), 1)
-        return np.sqrt(np.maximum(squared[:, 0], 0.0))
+        patches = np.ascontiguousarray(patches, dtype=np.float32)
+        if self.search == "faiss":
+            squared = self.index.search(patches, 1)[0][:, 0]
+        else:
+            import torch
+
+            queries = torch.from_numpy(patches)
+            squared = torch.einsum("ij,ij->i", queries, queries)
+            rows = max(1, _PRODUCT_ELEMENTS // len(self._bank))  # bounds the [rows, M] product matrix
+            for start in range(0, len(queries), rows):
+                products = torch.mm(queries[start : start + rows], self._bank.T).mul_(-2.0).add_(self._bank_sq)
+                squared[start : start + rows] += products.min(dim=1).values
+            squared = squared.numpy()
+        return np.sqrt(np.maximum(squared, 0.0))
 
 
 def image_score(patch_distances: np.ndarray) -> float:
@@ -59,6 +88,15 @@ def auroc(normal_scores: np.ndarray | list[float], defect_scores: np.ndarray | l
     average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based mean rank of each distinct value
     defect_rank_sum = average_rank[inverse[len(normal):]].sum()
     return float((defect_rank_sum - len(defect) * (len(defect) + 1) / 2.0) / (len(normal) * len(defect)))
+
+
+def accuracy_at_tau(normal_scores: np.ndarray | list[float], defect_scores: np.ndarray | list[float],
+                    tau_image: float) -> float:
+    """Share of images the service classifies right: normal at or below ``tau_image``, defects above it."""
+    normal, defect = np.asarray(normal_scores, dtype=np.float64), np.asarray(defect_scores, dtype=np.float64)
+    if not len(normal) + len(defect):
+        raise ValueError("accuracy needs at least one score")
+    return float(((normal <= tau_image).sum() + (defect > tau_image).sum()) / (len(normal) + len(defect)))
 
 
 def plot_histogram(path: Path, normal_scores: list[float], defect_scores: list[float], tau_image: float,

@@ -22,6 +22,9 @@ from typing import Protocol
 import numpy as np
 
 
+_CHUNK_BYTES = 32 << 20  # features read at a time for the projection (wide features: fewer rows)
+
+
 class _Progress(Protocol):
     def update(self, items: int = 1, nbytes: int = 0) -> None: ...
 
@@ -102,8 +105,9 @@ class KCenterGreedy:
             return np.ascontiguousarray(np.asarray(features, dtype=np.float32).T)
         matrix = gaussian_projection(dim, self.projection_dim, self.seed)
         out = np.empty((self.projection_dim, num_points), dtype=np.float32)
-        for start in range(0, num_points, self.chunk_rows):
-            chunk = np.asarray(features[start : start + self.chunk_rows], dtype=np.float32)
+        chunk_rows = max(1, min(self.chunk_rows, _CHUNK_BYTES // (dim * 4)))
+        for start in range(0, num_points, chunk_rows):
+            chunk = np.asarray(features[start : start + chunk_rows], dtype=np.float32)
             out[:, start : start + chunk.shape[0]] = (chunk @ matrix).T
         return out
 

@@ -1,20 +1,23 @@
-"""ResNet50 patch features exactly as the service computes them (CONTRACT.md).
+"""ResNet-50 patch features exactly as the service's query path computes them (steps 3-6).
 
-For a batch of RGB images in [0, 1]: normalise with ImageNet mean/std, run
-torchvision ``resnet50`` only as deep as the deepest requested layer, L2-normalise
-each layer's output over channels, upsample it bilinearly (``align_corners=False``)
-to the first (shallowest) layer's grid, concatenate over channels, keep every
-``stride``-th cell in both axes and L2-normalise again. One image gives
-``[rows * cols, D]`` patch features in row-major grid order.
+For a batch of RGB images in [0, 1] (decoded by :mod:`.images`): normalise with ImageNet
+mean/std, run torchvision ``resnet50`` only as deep as the deepest requested layer, upsample
+each layer's output bilinearly (``align_corners=False``) to the first (shallowest) layer's
+grid, *then* L2-normalise it over channels, concatenate over channels, keep every
+``stride``-th cell in both axes and L2-normalise again. One image gives ``[rows * cols, D]``
+patch features in row-major grid order.
+
+``imagenet`` weights are torchvision's ``ResNet50_Weights.IMAGENET1K_V2``, the service's.
 """
 
 from __future__ import annotations
 
-import copy
+import copy as _copy
 import hashlib
 import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,7 @@ import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from inspection_refresh.clip.weights import file_sha256  # memoised: the same file is hashed once
 from inspection_refresh.patchcore.options import BankBuildError, feature_dim, parse_layers
 
 log = logging.getLogger(__name__)
@@ -29,17 +33,23 @@ log = logging.getLogger(__name__)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+IMAGENET_WEIGHTS = "IMAGENET1K_V2"
+"""The torchvision weights the service's ResNet-50 uses (not V1: other numbers entirely)."""
+POOLING = ("each layer upsampled bilinearly (align_corners=False) to the first layer's grid, then "
+           "L2-normalised over channels, concatenated, every stride-th cell kept, L2-normalised again")
 
 
 def load_resnet50(weights: str, seed: int = 0, layers: list[str] | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """A torchvision ``resnet50`` in eval mode and a descriptor of its weights for ``bank_config.json``.
 
-    ``weights``: ``"imagenet"`` (IMAGENET1K_V1 via torchvision's cache/download),
-    ``"random"`` (initialised with ``torch.manual_seed(seed)``; not for production), or
-    the path of a ``state_dict`` checkpoint (optionally wrapped as ``{"state_dict": ...}``;
-    keys of stages deeper than the deepest of ``layers``, and ``fc``, may be absent).
+    ``weights``: ``"imagenet"`` (``ResNet50_Weights.IMAGENET1K_V2`` from torchvision's cache,
+    downloaded there when missing), ``"random"`` (initialised with ``torch.manual_seed(seed)``;
+    not for production), or the path of a ``state_dict`` checkpoint (optionally wrapped as
+    ``{"state_dict": ...}``; keys of stages deeper than the deepest of ``layers``, and ``fc``,
+    may be absent). The descriptor always has ``name`` and the ``sha256`` of what was loaded.
     Raises ``BankBuildError`` saying what to pass instead when the weights cannot be had.
     """
+    deepest = parse_layers(layers or ["layer4"])[-1]
     if weights == "random":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -47,24 +57,56 @@ def load_resnet50(weights: str, seed: int = 0, layers: list[str] | None = None) 
         descriptor = {
             "name": "random",
             "seed": seed,
+            "sha256": _state_sha256(model),
+            "sha256_of": "state_dict tensors in key order",
             "note": "RANDOM initialisation, not ImageNet: for offline demos and tests only; "
             "the service assumes ImageNet weights",
         }
         log.warning("using RANDOM backbone weights (seed %d): this bank is for demos/tests, not production", seed)
     elif weights == "imagenet":
-        enum = torchvision.models.ResNet50_Weights.IMAGENET1K_V1
-        try:
-            model = torchvision.models.resnet50(weights=enum, progress=False)
-        except Exception as exc:  # URLError, hash mismatch, unwritable cache, ...
-            raise BankBuildError(
-                f"could not load torchvision ResNet50 {enum.name} weights ({exc}); they come from "
-                f"{enum.url} into {torch.hub.get_dir()}/checkpoints. Offline: copy that file there, "
-                "or pass --weights /path/to/resnet50_state_dict.pth, or --weights random for a demo bank"
-            ) from exc
-        descriptor = {"name": "imagenet", "torchvision_weights": f"ResNet50_Weights.{enum.name}", "url": enum.url}
+        path = imagenet_checkpoint_path()
+        if not path.is_file():
+            _download_imagenet_weights(path)
+        model, descriptor = _from_checkpoint(path, deepest)
+        enum = getattr(torchvision.models.ResNet50_Weights, IMAGENET_WEIGHTS)
+        expected_prefix = path.name.rsplit("-", 1)[-1].split(".")[0]
+        descriptor = {"name": "imagenet", "torchvision_weights": f"ResNet50_Weights.{IMAGENET_WEIGHTS}",
+                      "url": enum.url, "file": path.name, "path": descriptor["path"],
+                      "sha256": descriptor["sha256"], "sha256_of": "file",
+                      "official_file": descriptor["sha256"].startswith(expected_prefix)}
+        if not descriptor["official_file"]:
+            log.warning("%s does not carry torchvision's published hash (sha256 %s..., expected %s...): it is "
+                        "not the official %s file; the service's features will differ unless it loads the same file",
+                        path, descriptor["sha256"][:8], expected_prefix, IMAGENET_WEIGHTS)
     else:
-        model, descriptor = _from_checkpoint(Path(weights), parse_layers(layers or ["layer4"])[-1])
+        model, descriptor = _from_checkpoint(Path(weights), deepest)
     return model.eval(), descriptor
+
+
+def imagenet_checkpoint_path() -> Path:
+    """Where torchvision keeps the ``IMAGENET1K_V2`` file: ``$TORCH_HOME/hub/checkpoints/resnet50-11ad3fa6.pth``."""
+    enum = getattr(torchvision.models.ResNet50_Weights, IMAGENET_WEIGHTS)
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(enum.url).path).name
+
+
+def _download_imagenet_weights(path: Path) -> None:
+    enum = getattr(torchvision.models.ResNet50_Weights, IMAGENET_WEIGHTS)
+    try:
+        enum.get_state_dict(progress=False, check_hash=True)  # downloads into torch.hub's cache, hash-checked
+    except Exception as exc:  # URLError, hash mismatch, unwritable cache, ...
+        raise BankBuildError(
+            f"could not load torchvision ResNet50 {enum.name} weights ({exc}); they come from "
+            f"{enum.url} into {path}. Offline: copy that file there, "
+            "or pass --weights /path/to/resnet50_state_dict.pth, or --weights random for a demo bank"
+        ) from exc
+
+
+def _state_sha256(model: nn.Module) -> str:
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _from_checkpoint(path: Path, deepest: str) -> tuple[nn.Module, dict[str, Any]]:
@@ -93,28 +135,30 @@ def _from_checkpoint(path: Path, deepest: str) -> tuple[nn.Module, dict[str, Any
             f"weights file {path} does not fit torchvision resnet50: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}"
         )
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return model, {"name": "checkpoint", "path": str(path.resolve()), "sha256": digest,
-                   "unused_keys_absent": len(result.missing_keys)}
+    return model, {"name": "checkpoint", "path": str(path.resolve()), "sha256": file_sha256(path),
+                   "sha256_of": "file", "unused_keys_absent": len(result.missing_keys)}
 
 
 class PatchFeatureExtractor(nn.Module):
     """Backbone truncated after the deepest requested layer, plus the contract's patch pooling.
 
-    The stages are copied (the caller's backbone is left as it is) and prepared for fast
-    inference without changing what they compute: every eval-mode BatchNorm, an affine
-    map, is folded into the convolution before it, and activations use the channels_last
-    memory format, which oneDNN and cuDNN run without layout conversions. Results match
-    the plain module up to float rounding (~1e-7 on the normalised features).
+    The stages are prepared for fast inference without changing what they compute: every
+    eval-mode BatchNorm, an affine map, is folded into the convolution before it, and
+    activations use the channels_last memory format, which oneDNN and cuDNN run without
+    layout conversions; only the kept cells of each layer are normalised and concatenated.
+    Results match the plain computation up to float rounding (~1e-7 on the normalised
+    features). ``copy=False`` folds the caller's backbone in place instead of a copy of it
+    (saves one model's memory when the caller drops the backbone anyway).
     """
 
-    def __init__(self, backbone: nn.Module, layers: list[str], stride: int) -> None:
+    def __init__(self, backbone: nn.Module, layers: list[str], stride: int, copy: bool = True) -> None:
         super().__init__()
         self.layers = parse_layers(layers)
         self.stride = stride
         self.feature_dim = feature_dim(self.layers)
         last = _STAGES.index(self.layers[-1])
-        stages = copy.deepcopy(nn.ModuleDict((name, getattr(backbone, name)) for name in _STAGES[: last + 1]))
+        stages = nn.ModuleDict((name, getattr(backbone, name)) for name in _STAGES[: last + 1])
+        stages = _copy.deepcopy(stages) if copy else stages
         self.stages = _fold_batchnorms(stages.eval()).to(memory_format=torch.channels_last)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
@@ -128,12 +172,15 @@ class PatchFeatureExtractor(nn.Module):
         for name, stage in self.stages.items():
             x = stage(x)
             if name in self.layers:
-                maps.append(F.normalize(x, dim=1))
+                maps.append(x)
         grid = maps[0].shape[-2:]
-        maps = [m if m.shape[-2:] == grid else F.interpolate(m, size=grid, mode="bilinear", align_corners=False)
+        # Upsample first, normalise second: the service's order (the other gives other vectors).
+        # Normalising is per cell, so only the kept cells need it: same values, a quarter of the work.
+        kept = (slice(None), slice(None), slice(None, None, self.stride), slice(None, None, self.stride))
+        maps = [F.normalize((m if m.shape[-2:] == grid else
+                             F.interpolate(m, size=grid, mode="bilinear", align_corners=False))[kept], dim=1)
                 for m in maps]
-        feats = torch.cat(maps, dim=1)[:, :, :: self.stride, :: self.stride]
-        feats = F.normalize(feats, dim=1)
+        feats = F.normalize(torch.cat(maps, dim=1), dim=1)
         return feats.permute(0, 2, 3, 1).reshape(feats.shape[0], -1, feats.shape[1])
 
 

@@ -75,7 +75,8 @@ class PatchcoreRun:
 
     @property
     def publisher(self) -> Publisher:
-        return Publisher(self.settings.patchcore_root, keep=self.settings.keep_versions)
+        return Publisher(self.settings.patchcore_root, keep=self.settings.keep_versions,
+                         releases=self.settings.patchcore_releases)
 
     @property
     def script_path(self) -> Path:
@@ -245,7 +246,8 @@ def _product_outcome(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, An
     if records["publish"] and records["publish"]["status"] == "ok":
         facts = records["publish"]["facts"]
         outcome.update(status="published", **{k: facts.get(k) for k in (
-            "num_images", "bank_size", "feature_dim", "tau", "seconds", "auroc", "version", "path")})
+            "num_images", "bank_size", "feature_dim", "tau", "seconds", "auroc", "accuracy_at_tau", "version",
+            "path")})
         return outcome
     if not records["download"] or records["download"]["status"] != "ok":
         reason = records["download"]["message"] if records["download"] else "download did not run"

@@ -15,6 +15,7 @@ from inspection_refresh.patchcore import bank as bank_module
 from inspection_refresh.patchcore import build as build_module
 from inspection_refresh.patchcore.bank import BANK_FILES, validate_bank
 from inspection_refresh.patchcore.build import build_product
+from inspection_refresh.patchcore.features import load_resnet50
 from inspection_refresh.patchcore.options import BankBuildError, BankValidationError, BuildOptions
 
 
@@ -41,7 +42,7 @@ def test_outputs_load_as_the_service_loads_them(built: tuple[Path, dict]) -> Non
     assert "RANDOM" in config["weights"]["note"]
     assert config["coreset"]["method"] == "greedy_k_center" and config["coreset"]["projection_dim"] == 128
     assert config["feature_dim"] == 1536 and config["bank_size"] == bank.shape[0] and config["num_images"] == 8
-    assert config["extractor_version"] and config["input"]["resize"].startswith("PIL bilinear")
+    assert config["extractor_version"] and config["input"]["resize"].startswith("cv2.resize INTER_AREA")
     calibration = config["calibration"]
     assert calibration["num_holdout_images"] == 2 and calibration["num_calibration_bank_images"] == 6
     assert calibration["tau"] == tau and calibration["num_defect_images"] == 3
@@ -84,6 +85,49 @@ def test_validate_bank(built: tuple[Path, dict], tmp_path: Path) -> None:
     with pytest.raises(BankValidationError, match="lacks tau.json"):
         validate_bank(broken)
     assert issubclass(BankValidationError, ValueError)
+
+
+def test_validate_bank_refuses_other_or_unknown_extraction(built: tuple[Path, dict], tmp_path: Path) -> None:
+    out, _ = built
+    config = json.loads((out / "bank_config.json").read_text())
+
+    def variant(name: str, **changes: object) -> Path:
+        directory = tmp_path / name
+        shutil.copytree(out, directory)
+        edited = {**config, **changes}
+        for key in [k for k, v in changes.items() if v is None]:
+            del edited[key]
+        (directory / "bank_config.json").write_text(json.dumps(edited))
+        return directory
+
+    # What the previous builder wrote: V1 weights, PIL decoding, normalise-then-upsample.
+    v1 = {"name": "imagenet", "torchvision_weights": "ResNet50_Weights.IMAGENET1K_V1",
+          "url": "https://download.pytorch.org/models/resnet50-0676ba61.pth", "sha256": "0676ba61" + "0" * 56}
+    with pytest.raises(BankValidationError, match="IMAGENET1K_V1.*IMAGENET1K_V2"):
+        validate_bank(variant("v1", weights=v1))
+    with pytest.raises(BankValidationError, match="IMAGENET1K_V1.*IMAGENET1K_V2"):
+        validate_bank(variant("v1_expected", weights=v1), {"weights": "imagenet"})
+    with pytest.raises(BankValidationError, match="features were extracted by 'inspection_refresh.patchcore/1'"):
+        validate_bank(variant("old_version", extractor_version="inspection_refresh.patchcore/1"))
+    with pytest.raises(BankValidationError, match="extraction unknown \\(no extractor_version, decoder"):
+        validate_bank(variant("old", extractor_version=None, decoder=None))
+    with pytest.raises(BankValidationError, match="extraction unknown \\(no weights with sha256\\)"):
+        validate_bank(variant("no_hash", weights={"name": "random", "seed": 0}))
+
+
+def test_validate_bank_checks_the_checkpoint_file_is_unchanged(product_dirs: tuple[Path, Path], tmp_path: Path,
+                                                              fast: dict) -> None:
+    random_model, _ = load_resnet50("random", seed=1)
+    checkpoint = tmp_path / "resnet50.pth"
+    torch.save(random_model.state_dict(), checkpoint)
+    build_product(product_dirs[0], tmp_path / "bank", BuildOptions(**{**fast, "weights": str(checkpoint)}))
+    assert validate_bank(tmp_path / "bank", {"weights": str(checkpoint)})["weights"]["name"] == "checkpoint"
+
+    state = random_model.state_dict()
+    state["conv1.weight"] = state["conv1.weight"] * 2
+    torch.save(state, checkpoint)  # same path, other weights
+    with pytest.raises(BankValidationError, match="weights is .*sha256"):
+        validate_bank(tmp_path / "bank", {"weights": str(checkpoint)})
 
 
 def test_count_coreset_and_reservoir(product_dirs: tuple[Path, Path], tmp_path: Path, fast: dict) -> None:

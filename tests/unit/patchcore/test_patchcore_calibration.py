@@ -85,3 +85,20 @@ def test_held_out_defects_score_above_normals(tmp_path: Path, make_product) -> N
         results.append(summary["auroc"])
     assert min(results) >= AUROC_FLOOR_EACH, results
     assert float(np.mean(results)) >= AUROC_FLOOR_MEAN, results
+
+
+def test_matmul_search_equals_faiss_up_to_rounding() -> None:
+    from inspection_refresh.patchcore.calibration import NearestNeighbourScorer
+
+    rng = np.random.default_rng(4)
+    bank = rng.standard_normal((700, 96)).astype(np.float32)
+    bank /= np.linalg.norm(bank, axis=1, keepdims=True)
+    queries = rng.standard_normal((300, 96)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    queries[:5] = bank[[3, 30, 300, 301, 699]]  # exact members: distance 0, clamped, never NaN
+
+    faiss_distances = NearestNeighbourScorer(bank, "faiss").distances(queries)
+    matmul_distances = NearestNeighbourScorer(bank, "matmul").distances(queries)
+
+    assert float(np.abs(faiss_distances - matmul_distances).max()) <= 1e-5
+    assert np.all(np.isfinite(matmul_distances)) and float(matmul_distances[:5].max()) <= 1e-3

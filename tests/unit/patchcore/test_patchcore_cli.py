@@ -98,3 +98,46 @@ def test_build_patchcore_sh_errors(tmp_path: Path, subprocess_env: dict) -> None
                          "PATCHCORE_WEIGHTS": "random", "PYTHON": sys.executable})
     assert failed.returncode == 1
     assert "PatchCore build FAILED for product 'P9'" in failed.stderr and "contains no normal images" in failed.stderr
+
+
+def test_old_quantile_percentiles_mean_the_same_as_percentiles(product_dirs: tuple[Path, Path], tmp_path: Path,
+                                                                subprocess_env: dict) -> None:
+    ok, _ = product_dirs
+    taus = {}
+    for spelling in ("0.995", "99.5"):
+        result = run_cli(["--ok_dir", str(ok), "--out_dir", str(tmp_path / spelling), "--pixel_pct", spelling,
+                          "--image_pct", spelling, *FAST_ARGS], subprocess_env)
+        assert result.returncode == 0, result.stderr
+        taus[spelling] = json.loads((tmp_path / spelling / "tau.json").read_text())
+    assert taus["0.995"] == taus["99.5"]
+    assert "pixel_pct 0.995 read as a quantile: the 99.5th percentile" in (
+        run_cli(["--ok_dir", str(ok), "--out_dir", str(tmp_path / "again"), "--pixel_pct", "0.995", *FAST_ARGS],
+                subprocess_env).stderr)
+    lower = run_cli(["--ok_dir", str(ok), "--out_dir", str(tmp_path / "p50"), "--pixel_pct", "50", *FAST_ARGS],
+                    subprocess_env)
+    assert json.loads((tmp_path / "p50" / "tau.json").read_text())["pixel"] < taus["99.5"]["pixel"], lower.stderr
+
+
+def test_help_states_the_defaults_next_to_the_old_script(subprocess_env: dict) -> None:
+    result = run_cli(["--help"], subprocess_env)
+    assert result.returncode == 0
+    assert "--coreset        0.1" in result.stdout and "old: 0.02" in result.stdout
+    assert "old: layer2,layer3,layer4" in result.stdout and "IMAGENET1K_V2" in result.stdout
+
+
+def test_cli_root_refuses_a_published_root(root_dir: Path, tmp_path: Path, subprocess_env: dict) -> None:
+    import shutil
+
+    from inspection_refresh.publish import Publisher
+
+    published = tmp_path / "patchCore"
+    publisher = Publisher(published)
+    staging = publisher.stage("PRD0")
+    shutil.copytree(root_dir / "PRD0" / "ok", staging / "ok")
+    publisher.publish("PRD0", staging)
+    live_files = sorted(p.name for p in (published / "PRD0").iterdir())
+
+    result = run_cli(["--root", str(published), *FAST_ARGS], subprocess_env)
+
+    assert result.returncode == 1 and "is a published PatchCore root" in result.stderr
+    assert sorted(p.name for p in (published / "PRD0").iterdir()) == live_files  # nothing written into the release
