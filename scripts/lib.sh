@@ -158,4 +158,6 @@ airflow_env() {
     airflow version > "$AIRFLOW_HOME/.migrated"
   fi
   airflow pools set "${INSPECTION_PATCHCORE_POOL:-patchcore_build}" 1 "Concurrent PatchCore bank builds" >/dev/null 2>&1 || true
+  airflow pools set "${INSPECTION_TRANSFER_POOL:-storage_transfers}" "${INSPECTION_MAX_TRANSFERS:-10}" \
+    "Concurrent object-storage downloads (one slot per transfer)" >/dev/null 2>&1 || true
 }

@@ -14,6 +14,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -84,6 +86,15 @@ class S3Server:
         from inspection_refresh.dev.ncp_emulator import set_faults
 
         set_faults(self.endpoint, **spec)
+
+    @contextmanager
+    def faults(self, **spec) -> Iterator[None]:
+        """Inject faults for the block (``set_faults`` keywords), then make the server healthy again."""
+        self.set_faults(**spec)
+        try:
+            yield
+        finally:
+            self.set_faults(latency_ms=0, cut_body={}, slowdown_rate=0, cut_rate=0, always_fail=[])
 
     def stop(self) -> None:
         self.process.terminate()

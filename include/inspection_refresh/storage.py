@@ -26,7 +26,7 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -118,6 +118,25 @@ class SyncResult:
         }
 
 
+def require_complete(*results: SyncResult, allowed_missing: int = 0, hint: str = "") -> list[str]:
+    """Return the keys the syncs could not download; raise if more than ``allowed_missing`` are.
+
+    The :class:`StorageError` is transient and names the objects: the task is
+    retried, and its retry downloads only what is still missing. ``hint`` ends
+    the message (e.g. how to publish without the missing objects).
+    """
+    failed = [failure for result in results for failure in result.failed]
+    if len(failed) > allowed_missing:
+        keys = [key for key, _ in failed]
+        raise StorageError(
+            f"{len(failed)} object(s) could not be downloaded after every retry (allowed missing: "
+            f"{allowed_missing}): {', '.join(keys[:10])}{f' and {len(keys) - 10} more' if len(keys) > 10 else ''} "
+            f"(first error: {failed[0][1]}). {hint}".rstrip(),
+            transient=True,
+        )
+    return [key for key, _ in failed]
+
+
 def local_path_for_key(key: str, prefix: str, local_dir: Path) -> Path:
     """Map ``prefix + relative`` to ``local_dir / relative``, refusing any escape.
 
@@ -172,6 +191,10 @@ def _is_transient(exc: BaseException) -> bool:
 
 class _TruncatedDownload(IOError):
     pass
+
+
+class DownloadCancelled(StorageError):
+    """The sync that started this download was stopped (task timeout, error in the caller)."""
 
 
 class ObjectStorage:
@@ -315,31 +338,46 @@ class ObjectStorage:
         except Exception as exc:
             raise self._explain(exc, "opening") from exc
 
-    def download_file(self, key: str, local_path: str | os.PathLike, *, expected_size: int | None = None) -> int:
+    def download_file(
+        self,
+        key: str,
+        local_path: str | os.PathLike,
+        *,
+        expected_size: int | None = None,
+        cancel: threading.Event | None = None,
+    ) -> int:
         """Download ``key`` to ``local_path`` atomically, retrying transient errors.
 
         The body goes to a hidden ``.partial-`` file next to the target and is
         renamed into place only when complete, so a crash or a cut connection never
         leaves a half file under the final name. Returns the bytes written.
+
+        :param cancel: once set, the download stops at the next chunk or retry
+            with :class:`DownloadCancelled` (how a timed-out sync stops its transfers).
         """
         target = Path(local_path)
         target.parent.mkdir(parents=True, exist_ok=True)
         for attempt in range(1, self.attempts + 1):
             try:
-                return self._download_once(key, target, expected_size)
+                return self._download_once(key, target, expected_size, cancel)
             except Exception as exc:
                 if attempt < self.attempts and _is_transient(exc):
                     delay = self.backoff_seconds * 2 ** (attempt - 1) * (0.5 + random.random())
                     log.warning("Retrying %s in %.1fs (attempt %d/%d): %s",
                                 key, delay, attempt + 1, self.attempts, exc)
-                    time.sleep(delay)
+                    if cancel is None:
+                        time.sleep(delay)
+                    elif cancel.wait(delay):
+                        raise DownloadCancelled(f"download of {key} cancelled") from exc
                     continue
                 if isinstance(exc, StorageError):
                     raise
                 raise self._explain(exc, "downloading", key) from exc
         raise AssertionError("unreachable")
 
-    def _download_once(self, key: str, target: Path, expected_size: int | None) -> int:
+    def _download_once(
+        self, key: str, target: Path, expected_size: int | None, cancel: threading.Event | None = None,
+    ) -> int:
         partial = target.with_name(f".{target.name}{_PARTIAL_MARK}{uuid.uuid4().hex[:8]}")
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=key)
@@ -349,6 +387,8 @@ class ObjectStorage:
             try:
                 with open(partial, "wb") as out:
                     for chunk in body.iter_chunks(_CHUNK):
+                        if cancel is not None and cancel.is_set():
+                            raise DownloadCancelled(f"download of {key} cancelled")
                         out.write(chunk)
                         written += len(chunk)
             finally:
@@ -377,6 +417,11 @@ class ObjectStorage:
         * Local files whose objects are gone (or no longer accepted) are removed.
         * At most ``max_transfers`` downloads run at once; each retries transient
           errors (including a connection cut mid-body) with exponential backoff.
+        * An object that still fails is reported in :attr:`SyncResult.failed` and its
+          older local copy, if any, is removed: the mirror never passes an old file off
+          as current. :func:`require_complete` turns failures into an error.
+        * An exception in the calling thread (a task timeout) cancels the queued
+          downloads and stops the running ones instead of waiting for them.
         * Keys that would escape ``local_dir`` are refused and reported.
 
         :param accept: returns ``None`` to mirror an object, or a reason to skip it
@@ -391,18 +436,7 @@ class ObjectStorage:
         result = SyncResult(prefix=prefix, local_dir=local_dir)
         listing = objects if objects is not None else list(self.list_objects(prefix))
 
-        wanted: dict[str, tuple[ObjectInfo, Path]] = {}
-        for obj in listing:
-            if obj.is_folder_marker:
-                continue
-            reason = accept(obj) if accept else None
-            if reason is None:
-                try:
-                    wanted[obj.key] = (obj, local_path_for_key(obj.key, prefix, local_dir))
-                    continue
-                except UnsafeKeyError as exc:
-                    reason = str(exc)
-            result.skipped.append((obj.key, reason))
+        wanted, result.skipped = plan_mirror(listing, prefix, local_dir, accept)
         _log_skipped(result.skipped)
 
         # Remove what is no longer wanted (objects deleted upstream, files left by crashes).
@@ -433,34 +467,78 @@ class ObjectStorage:
         )
         progress = Progress(f"Downloading {prefix}", len(to_fetch), "files", total_bytes,
                             interval=progress_interval, logger=log)
-        lock = threading.Lock()
-        if to_fetch:
-            with ThreadPoolExecutor(self.max_transfers, thread_name_prefix="s3-sync") as pool:
-                futures = {pool.submit(self.download_file, obj.key, path, expected_size=obj.size): (obj, path)
-                           for obj, path in to_fetch}
-                for future in as_completed(futures):
-                    obj, path = futures[future]
-                    try:
-                        nbytes = future.result()
-                    except Exception as exc:
-                        result.failed.append((obj.key, str(exc)))
-                        if len(result.failed) <= 20:
-                            log.error("Could not download %s: %s", obj.key, exc)
-                        progress.update(1)
-                        continue
-                    with lock:
-                        result.downloaded += 1
-                        result.bytes_downloaded += nbytes
-                        result.files[obj.key] = path
-                        result.etags[obj.key] = obj.etag
-                    progress.update(1, nbytes)
-            progress.finish()
+        try:
+            if to_fetch:
+                self._fetch_all(to_fetch, result, progress)
+                progress.finish()
+        finally:
+            # Also when a timeout interrupts the sync: what arrived is not fetched again by the retry.
+            _write_state(state_path, {key: {"etag": result.etags[key], "size": wanted[key][0].size}
+                                      for key in result.files})
         if len(result.failed) > 20:
             log.error("... and %d more downloads failed", len(result.failed) - 20)
-        _write_state(state_path, {key: {"etag": result.etags[key], "size": wanted[key][0].size}
-                                  for key in result.files})
         result.seconds = time.monotonic() - started
         return result
+
+    def _fetch_all(self, to_fetch: list[tuple[ObjectInfo, Path]], result: SyncResult, progress: Progress) -> None:
+        """Download ``to_fetch`` with ``max_transfers`` threads, recording each outcome in ``result``."""
+        cancel = threading.Event()
+        pool = ThreadPoolExecutor(self.max_transfers, thread_name_prefix="s3-sync")
+        try:
+            futures = {pool.submit(self.download_file, obj.key, path, expected_size=obj.size, cancel=cancel):
+                       (obj, path) for obj, path in to_fetch}
+            for future in as_completed(futures):
+                obj, path = futures[future]
+                try:
+                    nbytes = future.result()
+                except Exception as exc:
+                    # The file there (if any) is an older version of the object: it must not pass for current.
+                    path.unlink(missing_ok=True)
+                    result.failed.append((obj.key, str(exc)))
+                    if len(result.failed) <= 20:
+                        log.error("Could not download %s: %s", obj.key, exc)
+                    progress.update(1)
+                    continue
+                result.downloaded += 1
+                result.bytes_downloaded += nbytes
+                result.files[obj.key] = path
+                result.etags[obj.key] = obj.etag
+                progress.update(1, nbytes)
+        except BaseException:
+            # AirflowTaskTimeout (or any error) arrives in this waiting thread: drop the queued transfers
+            # and stop the running ones instead of letting the executor's exit wait for all of them.
+            cancel.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
+        pool.shutdown()
+
+
+def plan_mirror(
+    objects: Iterable[ObjectInfo],
+    prefix: str,
+    local_dir: Path,
+    accept: Callable[[ObjectInfo], str | None] | None = None,
+) -> tuple[dict[str, tuple[ObjectInfo, Path]], list[tuple[str, str]]]:
+    """What :meth:`ObjectStorage.sync_prefix` mirrors from a listing, without touching anything.
+
+    Returns ``(wanted, skipped)``: key -> (object, local path) for each object to
+    mirror, and (key, reason) for each refused by ``accept`` or for an unsafe key.
+    Folder markers are in neither.
+    """
+    wanted: dict[str, tuple[ObjectInfo, Path]] = {}
+    skipped: list[tuple[str, str]] = []
+    for obj in objects:
+        if obj.is_folder_marker:
+            continue
+        reason = accept(obj) if accept else None
+        if reason is None:
+            try:
+                wanted[obj.key] = (obj, local_path_for_key(obj.key, prefix, local_dir))
+                continue
+            except UnsafeKeyError as exc:
+                reason = str(exc)
+        skipped.append((obj.key, reason))
+    return wanted, skipped
 
 
 def _read_state(path: Path) -> dict[str, dict[str, Any]]:

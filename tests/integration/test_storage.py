@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import time
 import urllib.request
 
 import pytest
 from botocore.exceptions import ClientError
 
 from inspection_refresh.storage import (
-    ObjectStorage, StorageError, SYNC_STATE_FILE, UnsafeKeyError, local_path_for_key,
+    ObjectStorage, StorageError, SYNC_STATE_FILE, UnsafeKeyError, local_path_for_key, require_complete,
 )
 from tests.conftest import storage_connection
 
@@ -144,6 +146,74 @@ def test_sync_refuses_keys_escaping_the_target_and_skips_rejected_objects(storag
     assert skipped["images/normal/1/notes.txt"] == "not an image"
     assert not (tmp_path / "escape.jpg").exists()
     assert any("Skipping images/normal/1/../../../escape.jpg" in r.getMessage() for r in caplog.records)
+
+
+def test_random_faults_hit_only_object_gets_and_the_sync_rides_them_out(storage, s3_server, tmp_path, caplog):
+    bodies = {f"images/normal/1/{i:02d}.jpg": os.urandom(30_000) for i in range(30)}
+    for key, body in bodies.items():
+        put(storage, key, body)
+    with s3_server.faults(slowdown_rate=0.1, cut_rate=0.1, always_fail=["1/00.jpg"], seed=3):
+        assert [o.key for o in storage.list_objects("images/", page_size=7)] == sorted(bodies)  # listing unaffected
+        head = storage.client.head_object(Bucket=storage.bucket, Key="images/normal/1/00.jpg")  # HEAD too
+        assert head["ContentLength"] == 30_000
+        with caplog.at_level(logging.WARNING, logger="inspection_refresh.storage"):
+            result = storage.sync_prefix("images/normal/", tmp_path / "mirror")
+    assert [key for key, _ in result.failed] == ["images/normal/1/00.jpg"]
+    assert any("Retrying images/normal/1/" in r.getMessage() and "/00.jpg" not in r.getMessage()
+               for r in caplog.records), "the seeded faults should have cut some downloads"
+    for key, body in bodies.items():
+        if key != "images/normal/1/00.jpg":
+            assert (tmp_path / "mirror" / key.removeprefix("images/normal/")).read_bytes() == body
+
+
+def test_a_failed_redownload_removes_the_stale_copy_and_the_next_sync_fetches_only_it(storage, s3_server, tmp_path):
+    for name in ("a", "b", "c"):
+        put(storage, f"images/normal/1/{name}.jpg", os.urandom(10_000))
+    local = tmp_path / "mirror"
+    storage.sync_prefix("images/normal/", local)
+    new_body = os.urandom(12_000)
+    put(storage, "images/normal/1/b.jpg", new_body)  # changed upstream, and now it cannot be downloaded
+    with s3_server.faults(always_fail=["1/b.jpg"]):
+        partial = storage.sync_prefix("images/normal/", local)
+    assert [key for key, _ in partial.failed] == ["images/normal/1/b.jpg"]
+    assert not (local / "1" / "b.jpg").exists()  # the old version must not pass for the current one
+    assert set(partial.files) == {"images/normal/1/a.jpg", "images/normal/1/c.jpg"}
+    with pytest.raises(StorageError, match="images/normal/1/b.jpg") as info:
+        require_complete(partial)
+    assert info.value.transient
+    assert require_complete(partial, allowed_missing=1) == ["images/normal/1/b.jpg"]
+
+    retried = storage.sync_prefix("images/normal/", local)  # what the task's retry does
+    assert (retried.downloaded, retried.unchanged, retried.failed) == (1, 2, [])
+    assert (local / "1" / "b.jpg").read_bytes() == new_body
+
+
+def test_a_task_timeout_during_a_sync_cancels_the_queued_downloads(storage, s3_server, tmp_path, monkeypatch):
+    from airflow.sdk.exceptions import AirflowTaskTimeout
+    from airflow.sdk.execution_time.timeout import timeout  # what runs a task's execution_timeout
+
+    for i in range(20):
+        put(storage, f"images/normal/1/{i:02d}.jpg", os.urandom(1_000))
+    listing = list(storage.list_objects("images/normal/"))
+    started: list[str] = []
+    download_once = ObjectStorage._download_once
+
+    def recording(self, key, *args, **kwargs):
+        started.append(key)
+        return download_once(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(ObjectStorage, "_download_once", recording)
+    slow = ObjectStorage(bucket=storage.bucket, max_transfers=2)
+    slow.client  # connect before the clock starts
+    with s3_server.faults(latency_ms=500):  # 20 objects, 2 at a time: the whole sync would take 5 s
+        began = time.monotonic()
+        with pytest.raises(AirflowTaskTimeout), timeout(1):
+            slow.sync_prefix("images/normal/", tmp_path / "mirror", objects=listing)
+        assert time.monotonic() - began < 2.0
+        time.sleep(1.5)  # long enough for queued transfers to start, had they not been cancelled
+    assert len(started) <= 6, started
+    state = json.loads((tmp_path / "mirror" / SYNC_STATE_FILE).read_text())
+    assert set(state) <= set(started)  # what did arrive is remembered, so the task's retry skips it
 
 
 @pytest.mark.parametrize("key", [

@@ -7,11 +7,15 @@ that behaves the way NCP does where it differs from AWS:
 * requests signed with another access key get ``403 InvalidAccessKeyId``;
 
 and that can inject the faults and delays the tests and benchmarks need
-(added latency per request, a connection cut in the middle of a body). Faults
-are set at run time with ``POST /__emulator__/faults`` (JSON), so one server
-serves a whole test session.
+(added latency per request, a connection cut in the middle of a body, 503
+SlowDown, objects that fail on every GET). Faults are set at start-up (CLI
+options, :class:`Faults` arguments) or at run time with
+``POST /__emulator__/faults`` (JSON), so one server serves a whole test session.
+Only GET object requests get faults; listing, HEAD and uploads stay healthy.
 
 Run: ``python -m inspection_refresh.dev.ncp_emulator --port 9000 --access-key KEY``
+(add ``--fault-slowdown-rate 0.1 --fault-cut-rate 0.1 --fault-seed 7`` for a flaky
+store, ``--fault-always images/normal/1/`` for objects that never download).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import argparse
 import http.client
 import json
 import logging
+import random
 import re
 import socket
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -36,12 +42,33 @@ _CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
 
 
 class Faults:
-    """Run-time fault settings, changed through the control endpoint."""
+    """Fault settings, given at start-up and changed through the control endpoint.
 
-    def __init__(self) -> None:
+    :param latency_ms: delay added to every request.
+    :param slowdown_rate: share of GET object requests answered ``503 SlowDown``.
+    :param cut_rate: share of GET object responses cut off after the headers and half the body.
+    :param always_fail: key substrings whose GETs are cut off every time.
+    :param seed: makes the random faults reproducible: whether the n-th GET of a
+        key fails depends only on (seed, key, n), not on the bucket or on the order
+        threads ask in.
+    """
+
+    def __init__(
+        self,
+        latency_ms: float = 0.0,
+        slowdown_rate: float = 0.0,
+        cut_rate: float = 0.0,
+        always_fail: list[str] | tuple[str, ...] = (),
+        seed: int = 0,
+    ) -> None:
         self.lock = threading.Lock()
-        self.latency_ms = 0.0
+        self.latency_ms = latency_ms
+        self.slowdown_rate = slowdown_rate
+        self.cut_rate = cut_rate
+        self.always_fail = list(always_fail)
+        self.seed = seed
         self.cut_body: dict[str, int] = {}  # key substring -> GETs still to cut
+        self._gets: Counter[str] = Counter()  # object key -> GETs seen, for the seeded draws
 
     def update(self, spec: dict) -> None:
         with self.lock:
@@ -49,14 +76,42 @@ class Faults:
                 self.latency_ms = float(spec["latency_ms"])
             if "cut_body" in spec:
                 self.cut_body = {str(k): int(v) for k, v in spec["cut_body"].items()}
+            for name in ("slowdown_rate", "cut_rate"):
+                if name in spec:
+                    setattr(self, name, float(spec[name]))
+            if "always_fail" in spec:
+                self.always_fail = [str(fragment) for fragment in spec["always_fail"]]
+            if "seed" in spec:
+                self.seed = int(spec["seed"])
+                self._gets.clear()
 
-    def take_cut(self, path: str) -> bool:
+    def take_cut(self, key: str) -> bool:
         with self.lock:
             for fragment, remaining in self.cut_body.items():
-                if remaining > 0 and fragment in path:
+                if remaining > 0 and fragment in key:
                     self.cut_body[fragment] = remaining - 1
                     return True
         return False
+
+    def object_fault(self, key: str) -> str | None:
+        """``"slowdown"``, ``"cut"`` or ``None`` for this GET of object ``key``."""
+        with self.lock:
+            if any(fragment in key for fragment in self.always_fail):
+                return "cut"
+            self._gets[key] += 1
+            draw = random.Random(f"{self.seed}\0{key}\0{self._gets[key]}").random()
+            slowdown_rate, cut_rate = self.slowdown_rate, self.cut_rate
+        if draw < slowdown_rate:
+            return "slowdown"
+        if draw < slowdown_rate + cut_rate:
+            return "cut"
+        return "cut" if self.take_cut(key) else None
+
+
+def object_key(path: str) -> str | None:
+    """The key a path-style ``/bucket/key`` request names; ``None`` for ``/bucket`` or ``/bucket/``."""
+    parts = unquote(urlsplit(path).path).lstrip("/").split("/", 1)
+    return parts[1] if len(parts) == 2 and parts[1] else None
 
 
 def _error_xml(code: str, message: str) -> bytes:
@@ -122,6 +177,11 @@ def make_handler(upstream: tuple[str, int], access_key: str | None, faults: Faul
             if "list-type=2" in urlsplit(self.path).query:
                 self._reply(400, _error_xml("NotImplemented", "ListObjectsV2 is not supported; use ListObjects"))
                 return
+            key = object_key(self.path) if self.command == "GET" else None
+            fault = faults.object_fault(key) if key is not None else None
+            if fault == "slowdown":
+                self._reply(503, _error_xml("SlowDown", "Please reduce your request rate."))
+                return
             if not hasattr(local, "conn"):
                 local.conn = http.client.HTTPConnection(*upstream, timeout=120)
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
@@ -137,7 +197,7 @@ def make_handler(upstream: tuple[str, int], access_key: str | None, faults: Faul
                 raise
             out_headers = {k: v for k, v in response.getheaders()
                            if k.lower() not in _HOP_BY_HOP and k.lower() != "content-length"}
-            if self.command == "GET" and response.status == 200 and faults.take_cut(self.path):
+            if fault == "cut" and response.status == 200:
                 # Promise the whole body, send half, then drop the connection.
                 self.send_response(200)
                 for name, value in out_headers.items():
@@ -169,7 +229,9 @@ def make_handler(upstream: tuple[str, int], access_key: str | None, faults: Faul
 class NcpEmulator:
     """moto S3 + the NCP-like proxy, both in this process; ``endpoint_url`` is the proxy."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, access_key: str | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = 0, access_key: str | None = None, faults: Faults | None = None,
+    ) -> None:
         from moto.server import ThreadedMotoServer
 
         probe = socket.socket()
@@ -177,7 +239,7 @@ class NcpEmulator:
         moto_port = probe.getsockname()[1]
         probe.close()
         self._moto = ThreadedMotoServer(ip_address=host, port=moto_port, verbose=False)
-        self.faults = Faults()
+        self.faults = faults or Faults()
         self._server = ThreadingHTTPServer((host, port), make_handler((host, moto_port), access_key, self.faults))
         self._server.daemon_threads = True
         self.endpoint_url = f"http://{host}:{self._server.server_address[1]}"
@@ -207,11 +269,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=9000)
     parser.add_argument("--access-key", default=None, help="only accept requests signed with this access key")
     parser.add_argument("--latency-ms", type=float, default=0.0)
+    parser.add_argument("--fault-slowdown-rate", type=float, default=0.0, metavar="R",
+                        help="answer 503 SlowDown to this share of GET object requests")
+    parser.add_argument("--fault-cut-rate", type=float, default=0.0, metavar="R",
+                        help="cut this share of GET object responses off after the headers and half the body")
+    parser.add_argument("--fault-always", action="append", default=[], metavar="KEY_SUBSTRING",
+                        help="cut every GET of objects whose key contains this (repeatable)")
+    parser.add_argument("--fault-seed", type=int, default=0, help="seed of the random faults (reproducible runs)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    emulator = NcpEmulator(args.host, args.port, args.access_key).start()
-    emulator.faults.update({"latency_ms": args.latency_ms})
-    log.info("NCP-like object storage listening on %s (ListObjectsV2 refused)", emulator.endpoint_url)
+    faults = Faults(latency_ms=args.latency_ms, slowdown_rate=args.fault_slowdown_rate, cut_rate=args.fault_cut_rate,
+                    always_fail=args.fault_always, seed=args.fault_seed)
+    emulator = NcpEmulator(args.host, args.port, args.access_key, faults).start()
+    log.info("NCP-like object storage listening on %s (ListObjectsV2 refused; faults: slowdown %.0f%%, cut %.0f%%, "
+             "always failing %s, seed %d)", emulator.endpoint_url, 100 * faults.slowdown_rate,
+             100 * faults.cut_rate, faults.always_fail or "none", faults.seed)
     try:
         while True:
             time.sleep(3600)
