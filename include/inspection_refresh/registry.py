@@ -1,26 +1,48 @@
 """The service's ``deployment_logs`` history and ``products`` list, through an Airflow MySQL connection.
 
-One Airflow DAG run is one deployment row. The row is found again by the run id
-kept in ``result_data.airflow_run_id``, so task retries update the same row
-instead of adding another, and the closing task can always finish it as
-``completed`` or ``failed`` even if the opening task never ran.
+One Airflow DAG run is one deployment row, found again by the DAG id and run id
+kept in ``result_data`` (``airflow_dag_id``, ``airflow_run_id``) whatever its
+``deploy_type``: task retries update the same row instead of adding another, the
+two CLIP DAGs (same ``deploy_type``, same scheduled run id) keep a row each, and
+the closing task can always finish it as ``completed`` or ``failed`` even if the
+opening task never ran. Rows left open by runs that ended without closing them
+are closed by the DAG's failure callback or, failing that, by its next run.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-from contextlib import closing
+from collections.abc import Callable, Iterator
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
 from functools import cached_property
-from typing import Any
+from typing import Any, NamedTuple
 
 from inspection_refresh.config import get_settings
 
 log = logging.getLogger(__name__)
 
 STATUSES = ("pending", "running", "completed", "failed")
+OPEN_STATUSES = ("pending", "running")
+FINAL_STATUSES = ("completed", "failed")
+
+MESSAGE_LIMIT_BYTES = 65_535
+"""``result_message`` is a TEXT column: 65,535 bytes (of UTF-8 here), not characters."""
+CUT_MARKER = "… [cut]"
+
+LOCK_WAIT_SECONDS = 10
+ACCESS_DENIED_ERRORS = (1044, 1142)
+"""MySQL/MariaDB error codes for a refused statement (ER_DBACCESS_DENIED_ERROR, ER_TABLEACCESS_DENIED_ERROR)."""
+
+# The row key: (DAG id, run id) in result_data. Functions, not JSON_VALUE, so MySQL 5.7 works too.
+RUN_KEY_SQL = ("JSON_UNQUOTE(JSON_EXTRACT(result_data, '$.airflow_dag_id')) = %s "
+               "AND JSON_UNQUOTE(JSON_EXTRACT(result_data, '$.airflow_run_id')) = %s")
+
+RunStateLookup = Callable[[str, str], str | None]
+"""``(dag_id, run_id) -> final Airflow state`` (``success``/``failed``), or None if unfinished or unknown."""
 
 # Same columns as production (CONTRACT.md); created only when missing.
 CREATE_DEPLOYMENT_LOGS = """
@@ -65,6 +87,37 @@ def _truncate(text: str | None, limit: int) -> str | None:
     return None if text is None else text[:limit]
 
 
+def fit_message(text: str, limit_bytes: int = MESSAGE_LIMIT_BYTES) -> str:
+    """``text`` cut to ``limit_bytes`` of UTF-8 on a character boundary, ending with a visible marker."""
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit_bytes:
+        return text
+    room = limit_bytes - len(CUT_MARKER.encode("utf-8"))
+    # A byte cut may split a multi-byte character: "ignore" drops that partial tail.
+    return encoded[:room].decode("utf-8", errors="ignore") + CUT_MARKER
+
+
+def _run_key(dag_id: str, run_id: str) -> dict[str, str]:
+    return {"airflow_dag_id": dag_id, "airflow_run_id": run_id}
+
+
+def _json(data: dict[str, Any]) -> str:
+    return json.dumps(data, default=str)
+
+
+def _mysql_error_code(exc: BaseException | None) -> int | None:
+    code = exc.args[0] if exc is not None and exc.args else None
+    return code if isinstance(code, int) else None
+
+
+class _Done(NamedTuple):
+    """What one statement returned."""
+
+    rows: list[dict[str, Any]]
+    lastrowid: int
+    rowcount: int
+
+
 class DeploymentRegistry:
     """Reads and writes the service's deployment history.
 
@@ -73,6 +126,7 @@ class DeploymentRegistry:
 
     def __init__(self, conn_id: str | None = None) -> None:
         self.conn_id = conn_id or get_settings().db_conn_id
+        self._table_checked = False
 
     @cached_property
     def hook(self):
@@ -80,67 +134,126 @@ class DeploymentRegistry:
 
         return MySqlHook(mysql_conn_id=self.conn_id)
 
-    def _execute(self, sql: str, params: tuple = (), *, fetch: bool = False) -> Any:
+    @contextmanager
+    def _connection(self) -> Iterator[Any]:
+        """One database connection; any failure on it becomes a :class:`RegistryError` naming the connection."""
         try:
             with closing(self.hook.get_conn()) as conn:
-                with closing(conn.cursor()) as cursor:
-                    cursor.execute(sql, params)
-                    if fetch:
-                        columns = [c[0] for c in cursor.description]
-                        return [dict(zip(columns, row)) for row in cursor.fetchall()]
-                    conn.commit()
-                    return cursor.lastrowid
+                yield conn
+        except RegistryError:
+            raise
         except Exception as exc:
             raise RegistryError(
                 f"database connection {self.conn_id!r}: {type(exc).__name__}: {exc}. "
                 "Check the connection's host, schema and credentials."
             ) from exc
 
-    def ensure_tables(self) -> None:
-        """Create ``deployment_logs`` if missing (never alters or drops existing data)."""
-        self._execute(CREATE_DEPLOYMENT_LOGS)
+    @staticmethod
+    def _run(conn: Any, sql: str, params: tuple = ()) -> _Done:
+        """Run one statement and commit, so the next one sees what other connections committed meanwhile."""
+        with closing(conn.cursor()) as cursor:
+            cursor.execute(sql, params)
+            columns = [c[0] for c in cursor.description] if cursor.description else []
+            rows = [dict(zip(columns, row)) for row in cursor.fetchall()] if columns else []
+            conn.commit()
+            return _Done(rows, int(cursor.lastrowid or 0), int(cursor.rowcount))
 
-    def find_run(self, deploy_type: str, run_id: str) -> dict[str, Any] | None:
-        """The row this Airflow run opened, if any."""
-        rows = self._execute(
-            "SELECT * FROM deployment_logs WHERE deploy_type = %s "
-            "AND JSON_UNQUOTE(JSON_EXTRACT(result_data, '$.airflow_run_id')) = %s "
-            "ORDER BY deploy_id DESC LIMIT 1",
-            (deploy_type, run_id), fetch=True,
-        )
+    def _execute(self, sql: str, params: tuple = (), *, fetch: bool = False) -> Any:
+        """One statement on its own connection: its rows if ``fetch``, else the inserted id."""
+        with self._connection() as conn:
+            done = self._run(conn, sql, params)
+        return done.rows if fetch else done.lastrowid
+
+    @contextmanager
+    def _run_lock(self, dag_id: str, run_id: str) -> Iterator[Any]:
+        """A connection holding a server-wide named lock on one run's row.
+
+        The table has no unique key for (DAG id, run id) and its columns are fixed, so two
+        writers of one run (a retry racing its late original) could both miss the row and
+        insert one each; under the lock, find-then-insert is one step.
+        """
+        # Lock names are limited to 64 characters; run ids alone can be longer.
+        name = "deployment_logs:" + hashlib.sha1(f"{dag_id}\n{run_id}".encode()).hexdigest()
+        with self._connection() as conn:
+            granted = self._run(conn, "SELECT GET_LOCK(%s, %s) AS granted", (name, LOCK_WAIT_SECONDS)).rows[0]
+            if granted["granted"] != 1:
+                raise RegistryError(f"the deployment_logs row of {dag_id} run {run_id} stayed locked by another "
+                                    f"writer for {LOCK_WAIT_SECONDS}s; try again")
+            try:
+                yield conn
+            finally:
+                with suppress(Exception):  # a broken connection has dropped the lock already
+                    self._run(conn, "SELECT RELEASE_LOCK(%s)", (name,))
+
+    def ensure_tables(self) -> None:
+        """Create ``deployment_logs`` if it is missing; checked once per registry object.
+
+        Only the check runs when the table exists, so an account with SELECT, INSERT and
+        UPDATE on it is enough. Never alters or drops existing data.
+        """
+        if self._table_checked:
+            return
+        # "\_": in LIKE an underscore matches any character.
+        if not self._execute(r"SHOW TABLES LIKE 'deployment\_logs'", fetch=True):
+            self._create_deployment_logs()
+        self._table_checked = True
+
+    def _create_deployment_logs(self) -> None:
+        try:
+            self._execute(CREATE_DEPLOYMENT_LOGS)
+        except RegistryError as exc:
+            if _mysql_error_code(exc.__cause__) not in ACCESS_DENIED_ERRORS:
+                raise
+            raise RegistryError(
+                f"deployment_logs does not exist in the database of connection {self.conn_id!r} and its account "
+                f"may not create it ({exc.__cause__.args[-1]}). Grant CREATE on that schema "
+                "(GRANT CREATE ON <schema>.* TO <account>) or have an administrator create the table once "
+                "(registry.CREATE_DEPLOYMENT_LOGS); after that, SELECT, INSERT and UPDATE on deployment_logs "
+                "are enough."
+            ) from exc
+
+    def _find(self, conn: Any, dag_id: str, run_id: str) -> dict[str, Any] | None:
+        rows = self._run(
+            conn, f"SELECT * FROM deployment_logs WHERE {RUN_KEY_SQL} ORDER BY deploy_id DESC LIMIT 1",
+            (dag_id, run_id)).rows
         return _decode(rows[0]) if rows else None
+
+    def find_run(self, dag_id: str, run_id: str) -> dict[str, Any] | None:
+        """The row of this DAG run (whatever its ``deploy_type``), if any."""
+        with self._connection() as conn:
+            return self._find(conn, dag_id, run_id)
 
     def start(
         self,
         deploy_type: str,
+        dag_id: str,
         run_id: str,
         *,
         product_id: int | None = None,
         deployed_by: str | None = None,
         details: dict[str, Any] | None = None,
     ) -> int:
-        """Open (or re-open on retry) this run's row as ``running``; return its ``deploy_id``."""
+        """Open (or re-open on retry) this DAG run's row as ``running``; return its ``deploy_id``."""
         self.ensure_tables()
-        data = {"airflow_run_id": run_id, **(details or {})}
-        existing = self.find_run(deploy_type, run_id)
-        if existing:
-            self._execute(
-                "UPDATE deployment_logs SET status = 'running', completed_at = NULL, result_data = %s "
-                "WHERE deploy_id = %s",
-                (json.dumps({**(existing.get("result_data") or {}), **data}, default=str), existing["deploy_id"]),
-            )
-            return int(existing["deploy_id"])
-        deploy_id = self._execute(
-            "INSERT INTO deployment_logs (deploy_type, product_id, status, result_message, result_data, deployed_by) "
-            "VALUES (%s, %s, 'running', %s, %s, %s)",
-            (deploy_type, product_id, "started", json.dumps(data, default=str), _truncate(deployed_by, 50)),
-        )
-        log.info("Deployment %s #%s is running (run %s)", deploy_type, deploy_id, run_id)
-        return int(deploy_id)
+        data = {**(details or {}), **_run_key(dag_id, run_id)}
+        with self._run_lock(dag_id, run_id) as conn:
+            existing = self._find(conn, dag_id, run_id)
+            if existing:
+                self._run(conn, "UPDATE deployment_logs SET status = 'running', completed_at = NULL, "
+                                "result_data = %s WHERE deploy_id = %s",
+                          (_json({**(existing.get("result_data") or {}), **data}), existing["deploy_id"]))
+                return int(existing["deploy_id"])
+            deploy_id = self._run(
+                conn, "INSERT INTO deployment_logs (deploy_type, product_id, status, result_message, result_data, "
+                      "deployed_by) VALUES (%s, %s, 'running', %s, %s, %s)",
+                (deploy_type, product_id, "started", _json(data), _truncate(deployed_by, 50))).lastrowid
+        log.info("Deployment %s #%s is running (%s run %s)", deploy_type, deploy_id, dag_id, run_id)
+        return deploy_id
 
     def finish(
         self,
         deploy_type: str,
+        dag_id: str,
         run_id: str,
         *,
         status: str,
@@ -149,28 +262,80 @@ class DeploymentRegistry:
         product_id: int | None = None,
         deployed_by: str | None = None,
     ) -> int:
-        """Close this run's row as ``completed`` or ``failed`` (inserting it if it was never opened)."""
-        if status not in ("completed", "failed"):
+        """Close this DAG run's row as ``completed`` or ``failed`` (inserting it if it was never opened)."""
+        if status not in FINAL_STATUSES:
             raise ValueError(f"a deployment ends 'completed' or 'failed', not {status!r}")
         self.ensure_tables()
-        existing = self.find_run(deploy_type, run_id)
-        data = {**((existing or {}).get("result_data") or {}), **(result_data or {}), "airflow_run_id": run_id}
-        payload = json.dumps(data, default=str)
-        if existing:
-            self._execute(
-                "UPDATE deployment_logs SET status = %s, completed_at = NOW(), result_message = %s, "
-                "result_data = %s WHERE deploy_id = %s",
-                (status, message, payload, existing["deploy_id"]),
-            )
-            deploy_id = int(existing["deploy_id"])
-        else:
-            deploy_id = int(self._execute(
-                "INSERT INTO deployment_logs (deploy_type, product_id, status, completed_at, result_message, "
-                "result_data, deployed_by) VALUES (%s, %s, %s, NOW(), %s, %s, %s)",
-                (deploy_type, product_id, status, message, payload, _truncate(deployed_by, 50)),
-            ))
-        log.info("Deployment %s #%s %s: %s", deploy_type, deploy_id, status, message)
+        text = fit_message(message)
+        with self._run_lock(dag_id, run_id) as conn:
+            existing = self._find(conn, dag_id, run_id)
+            payload = _json({**((existing or {}).get("result_data") or {}), **(result_data or {}),
+                             **_run_key(dag_id, run_id)})
+            if existing:
+                deploy_id = int(existing["deploy_id"])
+                self._run(conn, "UPDATE deployment_logs SET status = %s, completed_at = NOW(), result_message = %s, "
+                                "result_data = %s WHERE deploy_id = %s", (status, text, payload, deploy_id))
+            else:
+                deploy_id = self._run(
+                    conn, "INSERT INTO deployment_logs (deploy_type, product_id, status, completed_at, "
+                          "result_message, result_data, deployed_by) VALUES (%s, %s, %s, NOW(), %s, %s, %s)",
+                    (deploy_type, product_id, status, text, payload, _truncate(deployed_by, 50))).lastrowid
+        log.info("Deployment %s #%s %s: %s", deploy_type, deploy_id, status, message)  # uncut, unlike the row
         return deploy_id
+
+    def closed_outcome(self, dag_id: str, run_id: str) -> dict[str, Any] | None:
+        """What this DAG run recorded once its row was closed: its result_data with ``deploy_id``,
+        ``status`` and ``message``; None while the row is missing or still open."""
+        self.ensure_tables()
+        row = self.find_run(dag_id, run_id)
+        if row is None or row["status"] in OPEN_STATUSES:
+            return None
+        return {**(row.get("result_data") or {}), "deploy_id": int(row["deploy_id"]), "status": row["status"],
+                "message": row["result_message"]}
+
+    def close_if_open(self, dag_id: str, run_id: str, message: str) -> bool:
+        """Close this DAG run's row as ``failed`` if it is still open; True if it was.
+
+        A completed or failed row is left as its run recorded it.
+        """
+        self.ensure_tables()
+        with self._run_lock(dag_id, run_id) as conn:
+            row = self._find(conn, dag_id, run_id)
+            return row is not None and self._close_as_failed(conn, int(row["deploy_id"]), message)
+
+    def close_abandoned_runs(self, dag_id: str, current_run_id: str, finished_state: RunStateLookup) -> list[int]:
+        """Close as ``failed`` the rows earlier runs of this DAG left open although Airflow says they ended.
+
+        A run whose register task and failure callback could not reach the database (an
+        outage), or that an operator marked failed, leaves its row ``running``; the DAG's
+        next run tidies it. Rows whose run Airflow reports unfinished or does not know
+        (``finished_state`` gives None) are left alone. Returns the ``deploy_id`` of each row closed.
+        """
+        self.ensure_tables()
+        open_rows = self._execute(
+            "SELECT deploy_id, JSON_UNQUOTE(JSON_EXTRACT(result_data, '$.airflow_run_id')) AS run_id "
+            "FROM deployment_logs WHERE status IN ('pending', 'running') "
+            "AND JSON_UNQUOTE(JSON_EXTRACT(result_data, '$.airflow_dag_id')) = %s ORDER BY deploy_id",
+            (dag_id,), fetch=True)
+        closed = []
+        for row in open_rows:
+            state = None if row["run_id"] == current_run_id else finished_state(dag_id, row["run_id"])
+            if state is None:
+                continue
+            message = (f"closed by run {current_run_id}: Airflow run {row['run_id']} ended {state} "
+                       "without closing its deployment record")
+            with self._run_lock(dag_id, row["run_id"]) as conn:
+                if self._close_as_failed(conn, int(row["deploy_id"]), message):
+                    closed.append(int(row["deploy_id"]))
+                    log.warning("Deployment #%s: %s", row["deploy_id"], message)
+        return closed
+
+    def _close_as_failed(self, conn: Any, deploy_id: int, message: str) -> bool:
+        """Mark one still-open row failed; False if it had been closed meanwhile."""
+        return self._run(
+            conn, "UPDATE deployment_logs SET status = 'failed', completed_at = NOW(), result_message = %s "
+                  "WHERE deploy_id = %s AND status IN ('pending', 'running')",
+            (fit_message(message), deploy_id)).rowcount > 0
 
     def history(self, limit: int = 20, deploy_type: str | None = None) -> list[dict[str, Any]]:
         """Newest first, as the service's admin page lists them."""
