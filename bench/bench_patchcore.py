@@ -2,8 +2,8 @@
 
 (a) ``build``: full builds of 4 products x 60 normal ~900x900 JPEGs (plus 6 labelled defect
     images each, which the builder scores for its calibration AUROC, as the DAG passes them)
-    with ``--weights random``, once with the old ``build_bank.py`` settings (layer2-4, coreset
-    0.02) and once with this package's defaults. Every product is built in its own subprocess,
+    with ``--weights random``, with the old ``build_bank.py`` settings (layer2-4, coreset 0.02),
+    with layer2-3 at coreset 0.1 (this package's previous defaults) and with its defaults. Every product is built in its own subprocess,
     exactly as ``build_patchcore.sh`` runs it; its wall time and peak RSS (``os.wait4`` rusage of
     that child) are recorded. Each published bank is then scored, untimed, by
     ``ReferenceScorer`` (the service's query path, FAISS) on a test set the build never saw
@@ -42,6 +42,7 @@ GB = 1024**3
 BUILD_TARGETS = {"total_seconds": 90.0, "peak_rss_bytes": 2 * GB}
 SETTINGS = {
     "old_build_bank": ["--layers", "layer2,layer3,layer4", "--coreset", "0.02"],
+    "layer2_3_coreset_0.1": ["--layers", "layer2,layer3", "--coreset", "0.1"],  # the previous defaults
     "defaults": [],
 }
 TEST_NORMALS, TEST_DEFECTS = 8, 9

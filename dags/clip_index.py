@@ -8,7 +8,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 from inspection_refresh.airflow_support import (
-    DEFAULT_ARGS, START_DATE, fail_permanent_errors, run_identity,
+    DEFAULT_ARGS, START_DATE, close_deployment_on_failure, fail_permanent_errors, fail_unless_completed,
+    run_identity,
 )
 from inspection_refresh.config import get_settings
 from inspection_refresh.tasks import clip_index as pipeline
@@ -17,9 +18,12 @@ from inspection_refresh.tasks.common import NothingToDo
 from airflow.sdk import DAG, Asset, Param, get_current_context, task
 
 try:
-    from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+    from airflow.sdk.exceptions import AirflowSkipException
 except ImportError:  # older Task SDKs
-    from airflow.exceptions import AirflowFailException, AirflowSkipException
+    from airflow.exceptions import AirflowSkipException
+
+# The tasks' own timeouts add up to about 2 h without retries: 3 h stops a run stuck queued or retrying.
+DAGRUN_TIMEOUT = timedelta(hours=3)
 
 DOC_MD = """
 ### CLIP {index_type} image index
@@ -27,20 +31,25 @@ DOC_MD = """
 Rebuilds the **{index_type}** similarity index of the defect-inspection service and deploys it.
 
 1. **download** — lists the **prefix** param in NCP Object Storage (ListObjects V1), mirrors the images
-   (at most `INSPECTION_MAX_TRANSFERS` at once; unchanged files are not downloaded again) and opens the
-   `deployment_logs` row. Folder markers, empty and non-image objects are skipped and listed.
+   (`INSPECTION_MAX_TRANSFERS` at once, as many slots of the `storage_transfers` pool, shared with the
+   PatchCore downloads; unchanged files are not downloaded again) and opens the `deployment_logs` row.
+   Folder markers, empty and non-image objects are skipped and listed. Images that still fail after
+   retries fail the task, which Airflow retries; **max_missing_images** lets a run publish without up to
+   that many (listed as `missing_images` in the deployment row and `manifest.json`).
 2. **embed** — embeds every image exactly as the service embeds queries (open_clip, RGB, 224×224 squash,
    CLIP mean/std, L2-normalised). Embeddings are cached by image content + model, so a rerun only embeds
    new or changed images. Unreadable images are skipped and listed.
 3. **index_save** — writes `faiss_index.bin`, `index_data.pt`, `embeddings.pt`, `metadata.json` and
    `manifest.json`, checks that every image finds itself first, and publishes the version atomically at
    `INSPECTION_INDEX_ROOT/{index_type}/`. The last `INSPECTION_KEEP_VERSIONS` versions are kept; roll back
-   with `inspection-publish rollback --root $INSPECTION_INDEX_ROOT --name {index_type}`.
+   with the `deployment_rollback` DAG (artefact `clip:{index_type}`). When the images and the model are
+   those of the live index nothing is published: the run completes with "unchanged, version X stays live".
 4. **register** — closes the `deployment_logs` row (`clip_rebuild`) as completed or failed and emits the
    asset event `clip_index_{index_type}`.
 
 A failed run never replaces the live index. Scheduled runs skip the rebuild when the images and the
-model are unchanged since the published index; set **full_rebuild** to ignore all caches.
+model are unchanged since the published index; set **full_rebuild** to ignore all caches and publish
+anyway. A rolled-back index is pinned: scheduled runs skip it, a manual run that publishes unpins it.
 """
 
 
@@ -58,7 +67,8 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
             index_type=index_type, run_id=run_id, prefix=params["prefix"], model=params["model"],
             pretrained=params["pretrained"], batch_size=int(params["batch_size"]), device=params["device"],
             full_rebuild=bool(params["full_rebuild"]), skip_if_unchanged=bool(params["skip_if_unchanged"]),
-            scheduled=scheduled, deployed_by=deployed_by,
+            max_missing_images=int(params["max_missing_images"]), scheduled=scheduled, deployed_by=deployed_by,
+            dag_id=context["dag"].dag_id,
         )
 
     with DAG(
@@ -69,6 +79,8 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
         start_date=START_DATE,
         catchup=False,
         max_active_runs=1,
+        dagrun_timeout=DAGRUN_TIMEOUT,
+        on_failure_callback=close_deployment_on_failure,
         default_args=DEFAULT_ARGS,
         tags=["clip", "faiss", "deployment", index_type],
         params={
@@ -86,10 +98,16 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
             "skip_if_unchanged": Param(False, type="boolean", title="Skip if unchanged",
                                        description="Skip the rebuild when images and model are unchanged "
                                                    "since the published index (scheduled runs always do)."),
+            "max_missing_images": Param(0, type="integer", minimum=0, title="Max missing images",
+                                        description="Publish even if up to this many images could not be "
+                                                    "downloaded after every retry (they are listed in the "
+                                                    "deployment record); 0 = all images or no new index."),
         },
     ) as dag:
 
-        @task(execution_timeout=timedelta(minutes=30))
+        # One pool slot per download thread: at most INSPECTION_MAX_TRANSFERS transfers across all DAGs.
+        @task(execution_timeout=timedelta(minutes=30), pool=settings.transfer_pool,
+              pool_slots=settings.max_transfers)
         def download() -> dict:
             with fail_permanent_errors():
                 try:
@@ -110,11 +128,9 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
         @task(trigger_rule="all_done", outlets=[asset], execution_timeout=timedelta(minutes=5))
         def register() -> dict:
             try:
-                outcome = pipeline.register(current_run())
+                outcome = fail_unless_completed(pipeline.register(current_run()))
             except NothingToDo as skip:
                 raise AirflowSkipException(f"No deployment: {skip}") from None
-            if outcome["status"] != "completed":
-                raise AirflowFailException(outcome["message"])
             get_current_context()["outlet_events"][asset].extra = {
                 k: outcome[k] for k in ("version", "num_images", "embedding_dim", "model", "pretrained", "index_path")
             }

@@ -7,21 +7,28 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from inspection_refresh.airflow_support import DEFAULT_ARGS, START_DATE, fail_permanent_errors, run_identity
+from inspection_refresh.airflow_support import (
+    DEFAULT_ARGS, START_DATE, close_deployment_on_failure, fail_permanent_errors, fail_unless_completed,
+    run_identity,
+)
 from inspection_refresh.config import get_settings
 from inspection_refresh.tasks import patchcore as pipeline
+from inspection_refresh.tasks.common import NothingToDo
 
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG, Asset, AssetAlias, Param, get_current_context, task, task_group
 
 try:
-    from airflow.sdk.exceptions import AirflowFailException
+    from airflow.sdk.exceptions import AirflowSkipException
 except ImportError:  # older Task SDKs
-    from airflow.exceptions import AirflowFailException
+    from airflow.exceptions import AirflowSkipException
 
 # The script's stdout and stderr also go to a per-product log file: publish reads
 # the builder's PATCHCORE_SUMMARY line from it, register the error of a failed build.
 BUILD_COMMAND = 'set -o pipefail; bash "$PATCHCORE_SCRIPT" 2>&1 | tee "$PATCHCORE_LOG"'
+
+# Builds queue on a one-slot pool, so a run of many products takes hours; 8 h stops a stuck one.
+DAGRUN_TIMEOUT = timedelta(hours=8)
 
 DOC_MD = """
 ### PatchCore memory banks
@@ -32,7 +39,9 @@ deploys each to `INSPECTION_PATCHCORE_ROOT/<product_code>/` (`memory_bank.pt`, `
 
 Per product (the `product` group is mapped, one row per product code in the UI):
 1. **prepare** — mirrors `images/normal/<product_id>/` (and labelled defects, used only for the held-out
-   AUROC) and creates a staging directory.
+   AUROC) and creates a staging directory. Its `INSPECTION_PATCHCORE_TRANSFERS` downloads take as many
+   slots of the `storage_transfers` pool, shared with the CLIP downloads. An image that still fails after
+   retries fails the task (Airflow retries it); a bank is never built from part of the images.
 2. **build** — runs `build_patchcore.sh` (or the script in **script**) with the product's paths in its
    environment: `PRODUCT_CODE`, `OK_DIR`, `OUT_DIR`, `DEFECT_DIRS`, `PATCHCORE_SHORTER`, `PATCHCORE_STRIDE`,
    `PATCHCORE_LAYERS`, `PATCHCORE_CORESET`, `PATCHCORE_WEIGHTS`, `PATCHCORE_DEVICE`, `PYTHON`.
@@ -42,8 +51,11 @@ Per product (the `product` group is mapped, one row per product code in the UI):
    atomically. A product whose build fails keeps its previous bank; the others still publish.
 
 **register** writes one `patchcore_create` row in `deployment_logs` with per-product results, `completed`
-only if every product published. Roll back a product with
-`inspection-publish rollback --root $INSPECTION_PATCHCORE_ROOT --name <product_code>`.
+only if every product published or was unchanged. A product whose normal images and settings are those
+of its live bank is not rebuilt (**prepare** is skipped: "unchanged, version X stays live").
+
+Roll back a product with the `deployment_rollback` DAG (artefact = the product code), which also pins it:
+scheduled runs leave a pinned product out until a manual run of this DAG publishes it or it is unpinned.
 """
 
 settings = get_settings()
@@ -57,24 +69,27 @@ with DAG(
     start_date=START_DATE,
     catchup=False,
     max_active_runs=1,
+    dagrun_timeout=DAGRUN_TIMEOUT,
+    on_failure_callback=close_deployment_on_failure,
     default_args=DEFAULT_ARGS,
     tags=["patchcore", "anomaly-detection", "deployment"],
     params={
         "products": Param([], type="array", items={"type": "string"}, title="Products",
                           description="Product codes or ids to rebuild; empty = every active product."),
-        "coreset": Param(0.1, type="number", exclusiveMinimum=0, title="Coreset size",
+        "coreset": Param(pipeline.BUILD_DEFAULTS.coreset, type="number", exclusiveMinimum=0, title="Coreset size",
                          description="Share of patch features kept in the bank (0-1], or a count above 1."),
-        "shorter": Param(512, type="integer", minimum=32, maximum=2048, title="Short side (px)"),
-        "stride": Param(2, type="integer", minimum=1, maximum=8, title="Patch stride"),
-        "layers": Param(["layer2", "layer3"], type="array",
+        "shorter": Param(pipeline.BUILD_DEFAULTS.shorter, type="integer", minimum=32, maximum=2048, title="Short side (px)"),
+        "stride": Param(pipeline.BUILD_DEFAULTS.stride, type="integer", minimum=1, maximum=8, title="Patch stride"),
+        "layers": Param(list(pipeline.BUILD_DEFAULTS.layers), type="array",
                         items={"type": "string", "enum": list(pipeline.LAYERS)}, title="ResNet-50 layers"),
         "weights": Param(settings.patchcore_weights, type="string", title="Backbone weights",
                          description="imagenet (torchvision IMAGENET1K_V2, as the service), a checkpoint path, "
                                      "or random (offline demo only)."),
         "device": Param("auto", type="string", enum=["auto", "cpu", "cuda"], title="Device"),
-        "script": Param("", type="string", title="Build script",
-                        description="Path of another build script (same environment contract); "
-                                    "empty = the bundled build_patchcore.sh."),
+        "script": Param(pipeline.allowed_scripts(settings)[0], type="string",
+                        enum=pipeline.allowed_scripts(settings), title="Build script",
+                        description="Build scripts allowed on the workers (INSPECTION_PATCHCORE_SCRIPTS); "
+                                    "the first is the default."),
     },
 ) as dag:
 
@@ -86,7 +101,7 @@ with DAG(
             run_id=run_id, products=tuple(str(p) for p in params["products"]), coreset=float(params["coreset"]),
             shorter=int(params["shorter"]), stride=int(params["stride"]), layers=tuple(params["layers"]),
             script=params["script"], weights=params["weights"], device=params["device"],
-            scheduled=scheduled, deployed_by=deployed_by,
+            scheduled=scheduled, deployed_by=deployed_by, dag_id=context["dag"].dag_id,
         )
 
     @task(execution_timeout=timedelta(minutes=5))
@@ -96,18 +111,23 @@ with DAG(
 
     @task_group(group_id="product")
     def product_pipeline(product: dict):
-        @task(map_index_template="{{ product_code }}", execution_timeout=timedelta(minutes=30))
+        # One pool slot per download thread: at most INSPECTION_MAX_TRANSFERS transfers across all DAGs.
+        @task(map_index_template="{{ product_code }}", execution_timeout=timedelta(minutes=30),
+              pool=settings.transfer_pool, pool_slots=settings.patchcore_transfers)
         def prepare(product: dict) -> dict:
-            get_current_context()["product_code"] = product["product_code"]
+            get_current_context()["product_code"] = product.get("label", product["product_code"])
             with fail_permanent_errors():
-                return pipeline.prepare_product(current_run(), product)
+                try:
+                    return pipeline.prepare_product(current_run(), product)
+                except NothingToDo as unchanged:  # the live bank is identical: skip build and publish
+                    raise AirflowSkipException(str(unchanged)) from None
 
         env = prepare(product)
         build = BashOperator(
             task_id="build",
             bash_command=BUILD_COMMAND,
             env=env,
-            append_env=True,
+            append_env=False,  # the script gets the contract's variables, not the worker's secrets
             pool=settings.patchcore_pool,
             retries=1,
             execution_timeout=timedelta(minutes=60),
@@ -132,9 +152,6 @@ with DAG(
 
     @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=5))
     def register() -> dict:
-        outcome = pipeline.register(current_run())
-        if outcome["status"] != "completed":
-            raise AirflowFailException(outcome["message"])
-        return outcome
+        return fail_unless_completed(pipeline.register(current_run()))
 
     product_pipeline.expand(product=list_products()) >> register()

@@ -1,18 +1,22 @@
-"""What the DAG files share: default task arguments, run identity, error classification.
+"""What the DAG files share: default task arguments, run identity, error classification,
+and closing a failed run's deployment record.
 
 Imported at DAG parse time, so it stays light (no torch, open_clip or faiss).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from inspection_refresh.publish import PublishError
 from inspection_refresh.storage import StorageError
+
+log = logging.getLogger(__name__)
 
 START_DATE = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
@@ -44,12 +48,23 @@ def fail_permanent_errors() -> Iterator[None]:
         yield
     except Exception as exc:
         if is_permanent(exc):
-            try:
-                from airflow.sdk.exceptions import AirflowFailException
-            except ImportError:  # older Task SDKs
-                from airflow.exceptions import AirflowFailException
-            raise AirflowFailException(f"{exc} (not retried: fix the input or configuration)") from exc
+            raise _fail_exception()(f"{exc} (not retried: fix the input or configuration)") from exc
         raise
+
+
+def fail_unless_completed(outcome: dict[str, Any]) -> dict[str, Any]:
+    """A ``register`` task's outcome; a deployment that did not complete fails the task with its message."""
+    if outcome["status"] != "completed":
+        raise _fail_exception()(outcome["message"])
+    return outcome
+
+
+def _fail_exception() -> type[Exception]:
+    try:
+        from airflow.sdk.exceptions import AirflowFailException
+    except ImportError:  # older Task SDKs
+        from airflow.exceptions import AirflowFailException
+    return AirflowFailException
 
 
 def run_identity(context: Any) -> tuple[str, bool, str]:
@@ -60,3 +75,55 @@ def run_identity(context: Any) -> tuple[str, bool, str]:
     user = getattr(dag_run, "triggering_user_name", None)
     deployed_by = "airflow-scheduler" if scheduled else f"airflow:{user}" if user else "airflow"
     return context["run_id"], scheduled, deployed_by[:50]
+
+
+def finished_run_state(dag_id: str, run_id: str) -> str | None:
+    """Airflow's final state of a DAG run (``success`` or ``failed``), asked through the Task SDK.
+
+    None while the run is queued or running, when Airflow does not know it (deleted, or
+    written by another Airflow sharing the database) and outside a task (nobody to ask):
+    the caller then leaves that run's deployment record alone rather than guess.
+    """
+    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
+
+    try:
+        state = RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id)
+    except Exception as exc:  # not found, no supervisor (outside a task), API unreachable
+        log.warning("Cannot tell whether %s run %s has ended (%s: %s); leaving its deployment record open",
+                    dag_id, run_id, type(exc).__name__, exc)
+        return None
+    state = str(getattr(state, "value", state))
+    return state if state in ("success", "failed") else None
+
+
+def _failure_reason(context: Mapping[str, Any]) -> str:
+    """Why Airflow failed the run, in words, from a DAG failure callback's context."""
+    reason = context.get("reason")
+    if reason == "task_failure":
+        ti = context.get("ti")
+        return f"task {ti.task_id} failed" if ti is not None else "a task failed"
+    if reason == "timed_out":
+        return f"the run exceeded its dagrun_timeout ({getattr(context['dag'], 'dagrun_timeout', None)})"
+    if reason == "all_tasks_deadlocked":
+        return "no task could run any more (all tasks deadlocked)"
+    return f"the run was marked failed ({reason})" if reason else "the run was marked failed"
+
+
+def close_deployment_on_failure(context: Mapping[str, Any]) -> None:
+    """DAG ``on_failure_callback``: close the run's ``deployment_logs`` row as failed if still open.
+
+    The register task normally closes the row; this covers runs that fail before it could
+    (register itself failing, a dagrun timeout, a deadlock). It never raises: with the
+    database still down the error is logged and the DAG's next run closes the row.
+    """
+    from inspection_refresh.registry import DeploymentRegistry, RegistryError
+
+    dag_id, run_id = context["dag"].dag_id, context["run_id"]
+    message = (f"Airflow run {run_id} failed before recording its outcome: {_failure_reason(context)}. "
+               "What it published before failing, if anything, is in its task logs.")
+    try:
+        if DeploymentRegistry().close_if_open(dag_id, run_id, message):
+            log.warning("Deployment record of %s run %s closed as failed: %s", dag_id, run_id, message)
+    except RegistryError as exc:
+        log.error("Could not close the deployment record of %s run %s (%s); the DAG's next run closes it",
+                  dag_id, run_id, exc)

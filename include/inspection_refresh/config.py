@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from inspection_refresh.publish import default_releases_dir
+from inspection_refresh.publish import Publisher, default_releases_dir
 
 ENV_PREFIX = "INSPECTION_"
 
@@ -49,7 +49,12 @@ class Settings:
     cache_root: Path
     """Downloaded images and embedding caches; safe to delete (costs a re-download)."""
     max_transfers: int
-    """Concurrent object downloads (the service's plan caps it at 10)."""
+    """Concurrent object downloads across all DAGs (the service's plan caps it at 10): the size of
+    ``transfer_pool``, and the threads (= pool slots) of a CLIP download task."""
+    transfer_pool: str
+    """Airflow pool every downloading task takes ``pool_slots`` = its download threads from."""
+    patchcore_transfers: int
+    """Download threads (= pool slots) of one PatchCore prepare task; at most ``max_transfers``."""
     keep_versions: int
     """Published versions kept per index type or product for rollback."""
     clip_schedule: str | None
@@ -59,12 +64,17 @@ class Settings:
     patchcore_weights: str
     patchcore_pool: str
     patchcore_script: str
+    """The default build script ("" = the bundled ``build_patchcore.sh``)."""
+    patchcore_scripts: tuple[str, ...]
+    """Other build scripts an operator may pick in the DAG's form (``INSPECTION_PATCHCORE_SCRIPTS``,
+    colon-separated paths): the allow-list, since a script runs with the worker's rights."""
 
     @classmethod
     def from_env(cls) -> "Settings":
         data_root = Path(_env("DATA_ROOT", "/data/inspection"))
         index_root = Path(_env("INDEX_ROOT", str(data_root / "clip_index")))
         patchcore_root = Path(_env("PATCHCORE_ROOT", "/data/patchCore"))
+        max_transfers = max(1, int(_env("MAX_TRANSFERS", "10")))
         return cls(
             storage_conn_id=_env("STORAGE_CONN_ID", "ncp_object_storage"),
             bucket=_env("BUCKET", os.environ.get("NCP_BUCKET", "dm-obs")),
@@ -74,7 +84,10 @@ class Settings:
             patchcore_root=patchcore_root,
             patchcore_releases=Path(_env("PATCHCORE_RELEASES", str(default_releases_dir(patchcore_root)))),
             cache_root=Path(_env("CACHE_ROOT", str(data_root / "cache"))),
-            max_transfers=int(_env("MAX_TRANSFERS", "10")),
+            max_transfers=max_transfers,
+            transfer_pool=_env("TRANSFER_POOL", "storage_transfers"),
+            # More slots than the pool has would leave the task queued for ever.
+            patchcore_transfers=min(max_transfers, max(1, int(_env("PATCHCORE_TRANSFERS", "2")))),
             keep_versions=int(_env("KEEP_VERSIONS", "5")),
             clip_schedule=_env_optional("CLIP_SCHEDULE", "0 2 * * *"),
             patchcore_schedule=_env_optional("PATCHCORE_SCHEDULE", None),
@@ -83,7 +96,16 @@ class Settings:
             patchcore_weights=_env("PATCHCORE_WEIGHTS", "imagenet"),
             patchcore_pool=_env("PATCHCORE_POOL", "patchcore_build"),
             patchcore_script=_env("PATCHCORE_SCRIPT", ""),
+            patchcore_scripts=tuple(p for p in _env("PATCHCORE_SCRIPTS", "").split(":") if p.strip()),
         )
+
+    def index_publisher(self) -> Publisher:
+        """Publishes the CLIP indexes (``normal``, ``defect``) under ``index_root``."""
+        return Publisher(self.index_root, keep=self.keep_versions, releases=self.index_releases)
+
+    def patchcore_publisher(self) -> Publisher:
+        """Publishes the PatchCore banks (one name per product code) under ``patchcore_root``."""
+        return Publisher(self.patchcore_root, keep=self.keep_versions, releases=self.patchcore_releases)
 
 
 def get_settings() -> Settings:

@@ -21,6 +21,11 @@ leaves the old version live; its leftovers are removed by the next run. The last
 ``keep`` versions stay on disk, so :meth:`Publisher.rollback` is one symlink swap
 as well.
 
+A rolled-back name is usually *pinned*: ``root.releases/name/.pin.json`` says which
+version, who and when. Scheduled deployments leave a pinned name alone, and
+:meth:`Publisher.publish` refuses one unless told to ``unpin`` it (a manual deployment
+replaces the rollback).
+
 Roots published by older code kept versions in ``root/.releases/``; the next
 publish, stage or rollback moves them out without ``root/name`` ever being
 missing (see :meth:`Publisher._migrate_old_layout`).
@@ -29,6 +34,7 @@ Command line (one-step rollback)::
 
     inspection-publish list     --root /data/inspection/clip_index --name normal
     inspection-publish rollback --root /data/inspection/clip_index --name normal [--to VERSION]
+    inspection-publish unpin    --root /data/inspection/clip_index --name normal
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import argparse
 import ctypes
 import errno
 import fcntl
+import getpass
+import json
 import logging
 import os
 import re
@@ -48,8 +56,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-from inspection_refresh.files import copy_tree_linked
+from inspection_refresh.files import copy_tree_linked, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +68,8 @@ MARKER_FILE = ".inspection-releases"
 """Written into every releases directory (it holds the root's path) so tools can recognise one."""
 OLD_RELEASES_DIR = ".releases"
 """Where older code kept versions: inside the root, where the service mistook it for a product."""
+PIN_FILE = ".pin.json"
+"""Per name in the releases directory: the pinned version, who pinned it, when, from which run."""
 _STAGING_PREFIX = ".staging-"
 _SWAP_PREFIX = ".swap-"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -78,6 +89,11 @@ class Release:
 def new_version_id(now: datetime | None = None) -> str:
     """A sortable, unique-enough version id: UTC time to the microsecond."""
     return (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%S%fZ")
+
+
+def describe_pin(pin: dict[str, Any]) -> str:
+    """``pinned to version V by W at T``, for messages and log lines."""
+    return f"pinned to version {pin.get('version')} by {pin.get('pinned_by') or 'unknown'} at {pin.get('pinned_at')}"
 
 
 def check_name(name: str) -> str:
@@ -195,12 +211,63 @@ class Publisher:
             return []
         return sorted(p.name for p in versions_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
 
-    def publish(self, name: str, staging: str | os.PathLike, version: str | None = None) -> Release:
-        """Make ``staging`` the live version of ``name`` atomically; prune old versions."""
+    def names(self) -> list[str]:
+        """Names with a versions directory, i.e. published at least once."""
+        if not self.releases.is_dir():
+            return []
+        return sorted(p.name for p in self.releases.iterdir() if p.is_dir() and _SAFE_NAME.match(p.name))
+
+    def pinned(self, name: str) -> dict[str, Any] | None:
+        """The pin of ``name`` (``version``, ``pinned_by``, ``pinned_at``, ``run_id``), or ``None``."""
+        path = self._versions_dir(name) / PIN_FILE
+        try:
+            pin = json.loads(path.read_text())
+            if not isinstance(pin, dict):
+                raise ValueError(f"a JSON {type(pin).__name__}, not an object")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            # Not "unpinned": a scheduled run must not overwrite what someone meant to keep.
+            raise PublishError(f"the pin file {path} is unreadable ({exc}); remove it with "
+                               f"'inspection-publish unpin --root {self.root} --name {name}'") from exc
+        return pin
+
+    def pin(self, name: str, version: str, by: str | None, run_id: str | None = None) -> dict[str, Any]:
+        """Pin a kept ``version`` of ``name``: scheduled deployments leave ``name`` alone until :meth:`unpin`."""
+        if version not in self.versions(name):
+            raise PublishError(f"cannot pin {name!r} to {version!r}: not a kept version")
+        pin = {"version": version, "pinned_by": by, "pinned_at": datetime.now(timezone.utc).isoformat(),
+               "run_id": run_id}
+        write_json_atomic(self._versions_dir(name) / PIN_FILE, pin)
+        log.info("Pinned %s to version %s (by %s)", name, version, by or "unknown")
+        return pin
+
+    def unpin(self, name: str) -> dict[str, Any] | None:
+        """Remove the pin of ``name``; returns the pin removed (``None`` if there was none)."""
+        path = self._versions_dir(name) / PIN_FILE
+        try:
+            pin = self.pinned(name)
+        except PublishError:
+            pin = {"version": None, "unreadable": str(path)}
+        path.unlink(missing_ok=True)
+        if pin:
+            log.info("Unpinned %s (was %s)", name, describe_pin(pin))
+        return pin
+
+    def publish(self, name: str, staging: str | os.PathLike, version: str | None = None, *,
+                unpin: bool = False) -> Release:
+        """Make ``staging`` the live version of ``name`` atomically; prune old versions.
+
+        A pinned ``name`` is refused unless ``unpin`` (a manual deployment replacing a rollback):
+        then the pin is removed once the new version is live.
+        """
         staging = Path(staging)
         versions_dir = self._versions_dir(name)
         if staging.parent.resolve() != versions_dir.resolve():
             raise PublishError(f"{staging} is not a staging directory of {name!r}; use Publisher.stage()")
+        pin = self.pinned(name)
+        if pin and not unpin:
+            raise PublishError(f"{name} is {describe_pin(pin)}; not publishing over it (unpin it first)")
         version = version or new_version_id()
         target = versions_dir / version
         if target.exists():
@@ -211,11 +278,18 @@ class Publisher:
         os.rename(staging, target)
         self._point_to(name, version)
         log.info("Published %s version %s at %s", name, version, self.live_path(name))
+        if pin:
+            self.unpin(name)
         self._prune(name)
         return Release(name, version, target)
 
-    def rollback(self, name: str, to: str | None = None) -> Release:
-        """Re-publish ``to`` (default: the version before the live one)."""
+    def rollback(self, name: str, to: str | None = None, *, pinned_by: str | None = None,
+                 run_id: str | None = None) -> Release:
+        """Re-publish ``to`` (default: the version before the live one).
+
+        With ``pinned_by`` the version is also pinned, so scheduled deployments do not
+        replace it (what the CLI and the ``deployment_rollback`` DAG do).
+        """
         if (self.root / OLD_RELEASES_DIR).is_dir():
             self._prepare()  # moves the old layout's versions first, so they can be rolled back to
         kept = self.versions(name)
@@ -230,6 +304,8 @@ class Publisher:
         self._remove_leftovers(name, _SWAP_PREFIX)
         self._point_to(name, to)
         log.info("Rolled %s back from %s to %s", name, live, to)
+        if pinned_by is not None:
+            self.pin(name, to, pinned_by, run_id)
         return Release(name, to, self._versions_dir(name) / to)
 
     # -- internals ------------------------------------------------------------------
@@ -358,17 +434,33 @@ class Publisher:
                 _remove(leftover)
 
     def _prune(self, name: str) -> None:
+        """Remove the oldest versions beyond ``keep``, but only ones older than the live version.
+
+        After a rollback the newer versions are what an operator may roll forward to,
+        so nothing newer than the live version is ever removed.
+        """
         live = self.current(name)
         kept = self.versions(name)
-        for version in kept[: max(0, len(kept) - self.keep)]:
-            if version != live:
-                shutil.rmtree(self._versions_dir(name) / version, ignore_errors=True)
-                log.info("Pruned old version %s of %s (keeping %d)", version, name, self.keep)
+        older = [v for v in kept if v < live] if live in kept else kept
+        for version in older[: max(0, len(kept) - self.keep)]:
+            shutil.rmtree(self._versions_dir(name) / version, ignore_errors=True)
+            log.info("Pruned old version %s of %s (keeping %d)", version, name, self.keep)
+
+
+def _cli_user() -> str:
+    """Who runs the command, for the pin (``cli:<login>``)."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no login name in some containers
+        return "cli"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="inspection-publish", description="List or roll back published versions.")
-    parser.add_argument("action", choices=["list", "rollback"])
+    parser = argparse.ArgumentParser(prog="inspection-publish",
+                                     description="List, roll back (and pin) or unpin published versions.")
+    parser.add_argument("action", choices=["list", "rollback", "unpin"],
+                        help="rollback also pins the version: scheduled runs leave it alone until it is unpinned "
+                             "or a manual run publishes a new version")
     parser.add_argument("--root", required=True, help="index root or PatchCore root")
     parser.add_argument("--releases", help="where versions are kept (default: <root>.releases beside the root)")
     parser.add_argument("--name", required=True, help="normal, defect, or a product code")
@@ -377,13 +469,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         publisher = Publisher(args.root, releases=args.releases)
+        unpin_command = f"inspection-publish unpin --root {args.root} --name {args.name}"
         if args.action == "rollback":
-            release = publisher.rollback(args.name, args.to)
-            print(f"{args.name}: live version is now {release.version}")
+            release = publisher.rollback(args.name, args.to, pinned_by=_cli_user())
+            print(f"{args.name}: live version is now {release.version}, pinned: scheduled runs leave it alone "
+                  f"until a manual run publishes a new version or '{unpin_command}'")
+        elif args.action == "unpin":
+            pin = publisher.unpin(args.name)
+            print(f"{args.name}: unpinned (was {describe_pin(pin)})" if pin else f"{args.name}: was not pinned")
         else:
             if (publisher.root / OLD_RELEASES_DIR).is_dir():
                 print(f"note: {publisher.root} still has the old layout; the next publish or rollback moves "
                       f"its versions to {publisher.releases}", file=sys.stderr)
+            pin = publisher.pinned(args.name)
+            if pin:
+                print(f"{args.name} is {describe_pin(pin)}; scheduled runs skip it ('{unpin_command}' to undo)")
             live = publisher.current(args.name)
             for version in publisher.versions(args.name):
                 print(f"{'*' if version == live else ' '} {version}")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-EXPECTED_DAGS = {"clip_index_normal", "clip_index_defect", "patchcore_memory_bank"}
+EXPECTED_DAGS = {"clip_index_normal", "clip_index_defect", "patchcore_memory_bank", "deployment_rollback"}
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,51 @@ def test_patchcore_builds_through_a_pooled_bash_operator(dagbag):
     assert type(build).__name__ == "BashOperator"
     assert build.pool == "patchcore_build"
     assert not build.bash_command.strip().endswith(".sh")  # would be read as a Jinja template file
+
+
+def test_every_dag_times_out_and_closes_its_deployment_record_when_it_fails(dagbag):
+    from datetime import timedelta
+
+    from inspection_refresh.airflow_support import close_deployment_on_failure
+
+    hours = {"clip_index_normal": 3, "clip_index_defect": 3, "patchcore_memory_bank": 8, "deployment_rollback": 1}
+    for dag_id, timeout_hours in hours.items():
+        dag = dagbag.dags[dag_id]
+        assert dag.on_failure_callback is close_deployment_on_failure, dag_id
+        assert dag.dagrun_timeout == timedelta(hours=timeout_hours), dag_id
+
+
+def test_every_downloading_task_takes_one_transfer_pool_slot_per_download_thread(dagbag):
+    from inspection_refresh.config import get_settings
+
+    settings = get_settings()
+    downloads = [dagbag.dags[dag_id].get_task("download") for dag_id in ("clip_index_normal", "clip_index_defect")]
+    prepare = dagbag.dags["patchcore_memory_bank"].get_task("product.prepare")
+    for task in [*downloads, prepare]:
+        assert task.pool == settings.transfer_pool == "storage_transfers"
+    assert [task.pool_slots for task in downloads] == [settings.max_transfers] * 2
+    assert prepare.pool_slots == settings.patchcore_transfers <= settings.max_transfers
+
+
+def test_clip_dags_allow_no_missing_images_unless_asked(dagbag):
+    for dag_id in ("clip_index_normal", "clip_index_defect"):
+        assert dagbag.dags[dag_id].params["max_missing_images"] == 0
+
+
+def test_every_dag_can_be_triggered_with_its_default_params(dagbag):
+    """The Trigger form submitted unchanged must validate."""
+    for dag_id, dag in dagbag.dags.items():
+        resolved = dag.params.validate()  # raises ParamValidationError naming the param
+        assert set(resolved) == set(dag.params), dag_id
+
+
+def test_rollback_is_manual_and_never_retries_the_swap(dagbag):
+    dag = dagbag.dags["deployment_rollback"]
+    assert dag.schedule is None  # triggered by an operator only
+    assert [t.task_id for t in dag.tasks] == ["rollback", "register"]
+    assert dag.get_task("rollback").retries == 0 and dag.get_task("register").retries >= 1
+    assert dict(dag.params) == {"artefact": "clip:normal", "version": "previous", "unpin": False}
+    assert "enum" not in dag.params.get_param("artefact").schema
 
 
 def test_parsing_dag_files_does_not_import_heavy_libraries():

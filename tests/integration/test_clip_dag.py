@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -158,6 +159,29 @@ def test_unchanged_images_skip_the_rebuild_visibly(env):
     assert forced.state == "success" and live_version(env["root"], "normal") != version
 
 
+def test_unchanged_manual_runs_publish_one_version_and_keep_the_older_ones(env, monkeypatch):
+    from inspection_refresh.publish import Publisher
+
+    monkeypatch.setenv("INSPECTION_KEEP_VERSIONS", "3")
+    publisher = Publisher(env["root"])
+    older = ["20250101T000000000000Z", "20250102T000000000000Z"]
+    for version in older:  # versions of other images, e.g. last month's
+        staging = publisher.stage("normal")
+        (staging / "manifest.json").write_text(json.dumps({"version": version}))
+        publisher.publish("normal", staging, version)
+    seed_normal(env["put"], per_product=1)
+
+    runs = [run_dag("clip_index_normal") for _ in range(6)]
+    assert [(r.state, r.task_states["register"]) for r in runs] == [("success", "success")] * 6
+    version = live_version(env["root"], "normal")
+    assert publisher.versions("normal") == [*older, version]
+    for run in runs[1:]:
+        row = deployment_row(env["sql"], run.run_id)
+        assert row["status"] == "completed" and row["result_data"]["unchanged"] is True
+        assert f"unchanged, version {version} stays live" in row["result_message"], row["result_message"]
+    assert deployment_row(env["sql"], runs[0].run_id)["result_data"]["unchanged"] is False
+
+
 def test_scheduled_runs_skip_when_unchanged_but_manual_runs_rebuild(env):
     from inspection_refresh.tasks import clip_index as pipeline
     from inspection_refresh.tasks.common import NothingToDo
@@ -216,7 +240,7 @@ def test_a_crash_between_writing_and_publishing_leaves_the_old_index_live(env, m
     old_index = (env["root"] / "normal" / "faiss_index.bin").read_bytes()
     env["put"]("images/normal/1/BRKT01_OK_777.jpg", jpeg(0, 777))
 
-    def crash(self, name, staging, version=None):
+    def crash(self, name, staging, version=None, **options):
         assert (Path(staging) / "faiss_index.bin").exists()  # everything was written...
         raise OSError("simulated crash before the swap")  # ...and the process died before publishing
 
@@ -224,3 +248,116 @@ def test_a_crash_between_writing_and_publishing_leaves_the_old_index_live(env, m
     result = run_dag("clip_index_normal", {"full_rebuild": True})
     assert_failed_cleanly(env, result, "simulated crash before the swap", version)
     assert (env["root"] / "normal" / "faiss_index.bin").read_bytes() == old_index
+
+
+def test_a_run_closes_the_row_an_ended_earlier_run_left_running(env):
+    from inspection_refresh.registry import DeploymentRegistry
+
+    seed_normal(env["put"], per_product=1)
+    first = run_dag("clip_index_normal")
+    assert first.state == "success"
+    # The database was down when register and the failure callback tried to write: the row stayed open.
+    env["sql"]("UPDATE deployment_logs SET status = 'running', completed_at = NULL "
+               "WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s", (first.run_id,))
+    unknown_to_airflow = f"manual__{uuid.uuid4()}"  # e.g. another Airflow writing to the same table
+    DeploymentRegistry().start("clip_rebuild", "clip_index_normal", unknown_to_airflow)
+
+    second = run_dag("clip_index_normal")  # Airflow (Task SDK) says the first run ended "success"
+    assert second.state == "success"
+    old = deployment_row(env["sql"], first.run_id)
+    assert old["status"] == "failed" and old["completed_at"] is not None
+    assert old["result_message"] == (f"closed by run {second.run_id}: Airflow run {first.run_id} ended success "
+                                     "without closing its deployment record")
+    assert deployment_row(env["sql"], second.run_id)["status"] == "completed"
+    assert deployment_row(env["sql"], unknown_to_airflow)["status"] == "running"  # not guessed
+
+
+def test_a_cleared_register_of_a_completed_run_keeps_the_row(env):
+    from inspection_refresh.registry import DeploymentRegistry
+    from inspection_refresh.tasks import clip_index as pipeline
+
+    run = pipeline.ClipRun(index_type="normal", run_id=f"manual__{uuid.uuid4()}", prefix="images/normal/")
+    registry = DeploymentRegistry()
+    registry.start(pipeline.DEPLOY_TYPE, run.dag_id, run.run_id)
+    registry.finish(pipeline.DEPLOY_TYPE, run.dag_id, run.run_id, status="completed", message="version v1 published",
+                    result_data={"version": "v1", "num_images": 2})
+    # The completed run removed its work files; an operator now clears its register task.
+    outcome = pipeline.register(run)
+    assert (outcome["status"], outcome["message"], outcome["version"]) == ("completed", "version v1 published", "v1")
+    row = deployment_row(env["sql"], run.run_id)
+    assert (row["status"], row["result_message"]) == ("completed", "version v1 published")
+
+
+def test_a_run_failing_before_register_records_is_closed_by_the_failure_callback(env, monkeypatch):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from inspection_refresh.tasks import clip_index as pipeline
+
+    def register_loses_the_database(run):
+        raise AirflowFailException("simulated: the database went away during register")
+
+    monkeypatch.setattr(pipeline, "register", register_loses_the_database)
+    result = run_dag("clip_index_normal", {"prefix": "images/nothing-here/"})  # download opens the row, fails
+    assert result.state == "failed" and result.task_states["register"] == "failed"
+    row = deployment_row(env["sql"], result.run_id)
+    assert row["status"] == "failed" and row["completed_at"] is not None
+    assert row["result_message"].startswith(f"Airflow run {result.run_id} failed before recording its outcome: "
+                                            "task register failed"), row["result_message"]
+
+
+def published_index(root: Path, index_type: str = "normal") -> dict:
+    """What a published index says, without what legitimately differs per version (paths, times)."""
+    live = (root / index_type).resolve()
+    metadata = json.loads((live / "metadata.json").read_text())
+    return {
+        "faiss_index.bin": (live / "faiss_index.bin").read_bytes(),
+        "embeddings.pt": (live / "embeddings.pt").read_bytes(),
+        "records": [{k: v for k, v in record.items() if k != "local_path"} for record in metadata["metadata"]],
+        "version": live.name,
+    }
+
+
+def test_a_flaky_store_publishes_the_same_index_as_a_healthy_one(env, s3_server, tmp_path):
+    from inspection_refresh.dev.ncp_emulator import Faults
+
+    keys = seed_normal(env["put"], per_product=3)
+    seed = 2
+    probe = Faults(slowdown_rate=0.1, cut_rate=0.1, seed=seed)
+    assert {"slowdown", "cut"} <= {probe.object_fault(key) for key in keys}, "the seed must inject both faults"
+
+    assert run_dag("clip_index_normal").state == "success"
+    healthy = published_index(env["root"])
+    shutil.rmtree(tmp_path / "cache" / "clip" / "normal" / "images")  # download everything again
+    with s3_server.faults(slowdown_rate=0.1, cut_rate=0.1, seed=seed):
+        flaky = run_dag("clip_index_normal", {"full_rebuild": True})  # and embed it again
+    assert flaky.state == "success", flaky.task_states
+    facts = deployment_row(env["sql"], flaky.run_id)["result_data"]
+    assert (facts["downloaded"], facts["num_images"], facts["missing_images"]) == (len(keys), len(keys), [])
+    rebuilt = published_index(env["root"])
+    assert rebuilt.pop("version") != healthy.pop("version")
+    assert rebuilt == healthy
+
+
+def test_an_image_that_never_downloads_publishes_nothing_unless_allowed_missing(env, s3_server):
+    keys = seed_normal(env["put"], per_product=2)
+    broken = keys[1]
+    with s3_server.faults(always_fail=[broken]):
+        failed = run_dag("clip_index_normal")
+        assert failed.task_states["download"] == "failed"  # after Airflow's retries of the task
+        row = assert_failed_cleanly(env, failed, broken, None)
+        assert row["result_data"]["missing_images"] == [broken]
+        assert "max_missing_images" in row["result_message"]
+
+        partial = run_dag("clip_index_normal", {"max_missing_images": 1})
+    assert partial.state == "success", partial.task_states
+    row = deployment_row(env["sql"], partial.run_id)
+    assert row["status"] == "completed" and "1 MISSING" in row["result_message"]
+    assert row["result_data"]["missing_images"] == [broken] and row["result_data"]["num_images"] == len(keys) - 1
+    manifest = json.loads((env["root"] / "normal" / "manifest.json").read_text())
+    assert manifest["missing_images"] == [broken] and manifest["count"] == len(keys) - 1
+
+    # The partial index is not what storage holds: a run that skips unchanged images rebuilds it.
+    complete = run_dag("clip_index_normal", {"skip_if_unchanged": True})
+    assert complete.task_states["download"] == "success" and complete.state == "success"
+    manifest = json.loads((env["root"] / "normal" / "manifest.json").read_text())
+    assert manifest["missing_images"] == [] and manifest["count"] == len(keys)

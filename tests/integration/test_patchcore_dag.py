@@ -97,17 +97,105 @@ def test_one_product_fails_the_other_publishes_and_history_says_so(env):
     assert events and events[-1]["bank_size"] == memory_bank.shape[0]
 
 
-def test_a_failing_build_script_keeps_the_old_bank_and_names_the_error(env, tmp_path):
+def test_a_failing_build_script_keeps_the_old_bank_and_names_the_error(env, tmp_path, monkeypatch):
     from inspection_refresh.publish import default_releases_dir
 
     script = tmp_path / "broken_build.sh"
-    script.write_text('#!/usr/bin/env bash\necho "building $PRODUCT_CODE"\n'
+    seen_env = tmp_path / "script-env.txt"
+    script.write_text(f'#!/usr/bin/env bash\nenv > {seen_env}\necho "building $PRODUCT_CODE"\n'
                       'echo "ERROR: GPU out of memory while building $PRODUCT_CODE" >&2\nexit 3\n')
+    monkeypatch.setenv("INSPECTION_PATCHCORE_SCRIPTS", str(script))  # operators pick from the allow-list
+    monkeypatch.setenv("AIRFLOW_CONN_SOME_SECRET", "mysql://user:hunter2@db/x")
     result = run_dag("patchcore_memory_bank", {"products": ["TEX01"], "script": str(script), "shorter": 128})
     assert result.state == "failed"
+    names = {line.split("=", 1)[0] for line in seen_env.read_text().splitlines() if "=" in line}
+    assert {"PRODUCT_CODE", "OK_DIR", "OUT_DIR", "PATCHCORE_LAYERS", "PYTHON", "PATH"} <= names
+    assert not [name for name in names if name.startswith("AIRFLOW_CONN")] and "hunter2" not in seen_env.read_text()
     assert result.task_states["product.build[0]"] == "failed"
     row = env["sql"]("SELECT * FROM deployment_logs WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s",
                      (result.run_id,))[0]
     assert "TEX01 at build: ERROR: GPU out of memory while building TEX01" in row["result_message"]
     assert not (env["root"] / "TEX01").exists()
     assert not list((default_releases_dir(env["root"]) / "TEX01").glob(".staging-*"))
+
+
+def test_a_cleared_register_of_a_completed_run_keeps_the_row(env):
+    from inspection_refresh.registry import DeploymentRegistry
+    from inspection_refresh.tasks import patchcore as pipeline
+
+    run = pipeline.PatchcoreRun(run_id=f"manual__{uuid.uuid4()}")
+    DeploymentRegistry().finish(pipeline.DEPLOY_TYPE, run.dag_id, run.run_id, status="completed",
+                                message="1 PatchCore banks published: TEX01", result_data={"products": {}})
+    outcome = pipeline.register(run)  # its work files were removed when the run completed
+    assert (outcome["status"], outcome["message"]) == ("completed", "1 PatchCore banks published: TEX01")
+    rows = env["sql"]("SELECT status FROM deployment_logs WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s",
+                      (run.run_id,))
+    assert rows == [{"status": "completed"}]
+
+
+def test_prepare_fails_for_a_retry_naming_an_image_that_never_downloads(env, s3_server, tmp_path):
+    from inspection_refresh.storage import ObjectStorage, StorageError
+    from inspection_refresh.tasks import patchcore as pipeline
+
+    run = pipeline.PatchcoreRun(run_id="manual__prepare")
+    tex01 = {"product_code": "TEX01", "product_id": 11}
+    ok_dir = tmp_path / "cache" / "patchcore" / "TEX01" / "ok"
+    pipeline.prepare_product(run, tex01)
+    assert (ok_dir / "TEX01_OK_003.jpg").is_file()
+
+    with s3_server.faults(always_fail=["TEX01_OK_003"]):
+        # A new version of the image, which then cannot be downloaded.
+        ObjectStorage().client.put_object(Bucket=os.environ["INSPECTION_BUCKET"],
+                                          Key="images/normal/11/TEX01_OK_003.jpg", Body=sample_jpeg(0, 303))
+        with pytest.raises(StorageError, match="TEX01_OK_003") as info:
+            pipeline.prepare_product(run, tex01)
+    assert info.value.transient  # Airflow retries the task
+    assert not (ok_dir / "TEX01_OK_003.jpg").exists()  # the build never sees the old version as current
+    assert len(list(ok_dir.glob("*.jpg"))) == 7
+
+
+def test_an_unchanged_bank_is_not_rebuilt_and_a_pinned_product_waits_for_a_manual_run(env):
+    from inspection_refresh.publish import Publisher
+    from inspection_refresh.tasks import patchcore as pipeline
+
+    params = {"products": ["TEX01"], "shorter": 128}
+    assert run_dag("patchcore_memory_bank", params).state == "success"
+    publisher = Publisher(env["root"])
+    version = publisher.current("TEX01")
+
+    again = run_dag("patchcore_memory_bank", params)
+    assert again.state == "success", again.task_states
+    assert [again.task_states[f"product.{t}[0]"] for t in ("prepare", "build", "publish")] == ["skipped"] * 3
+    row = env["sql"]("SELECT * FROM deployment_logs WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s",
+                     (again.run_id,))[0]
+    assert row["status"] == "completed" and f"TEX01 unchanged, version {version} stays live" in row["result_message"]
+    assert json.loads(row["result_data"])["products"]["TEX01"]["status"] == "unchanged"
+    assert publisher.versions("TEX01") == [version]
+
+    publisher.pin("TEX01", version, "airflow:admin")
+    scheduled = pipeline.PatchcoreRun(run_id=f"scheduled__{uuid.uuid4()}", scheduled=True)
+    assert [p["product_code"] for p in pipeline.list_products(scheduled)] == ["EMPTY02"]  # TEX01 left out
+    outcome = pipeline.register(scheduled)  # (EMPTY02 never ran here)
+    assert f"Left out (pinned): TEX01 pinned to version {version} by airflow:admin" in outcome["message"]
+
+    changed = run_dag("patchcore_memory_bank", {**params, "shorter": 96})  # manual, another setting
+    assert changed.state == "success", changed.task_states
+    assert publisher.current("TEX01") != version and publisher.pinned("TEX01") is None
+
+
+def test_a_bad_and_a_duplicate_product_code_fail_only_those_products(env):
+    env["sql"]("INSERT INTO products (product_id, product_code, product_name, is_active) VALUES "
+               "(14, 'BAD 04', 'Space in its code', 1), (15, 'DUP05', 'First', 1), (16, 'DUP05', 'Second', 1)")
+    result = run_dag("patchcore_memory_bank", {"products": ["TEX01", "14", "15", "16"], "shorter": 96})
+
+    assert result.state == "failed"
+    labels = {result.labels[f"product.prepare[{i}]"]: result.task_states[f"product.prepare[{i}]"] for i in range(4)}
+    assert labels == {"TEX01": "success", "BAD 04": "failed", "DUP05": "failed"}  # both DUP05 prepares failed
+    assert sum(state == "failed" for key, state in result.task_states.items() if key.startswith("product.prepare")) == 3
+    assert (env["root"] / "TEX01" / "memory_bank.pt").is_file()  # the good product published
+    assert sorted(os.listdir(env["root"])) == ["TEX01"]
+    row = env["sql"]("SELECT * FROM deployment_logs WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s",
+                     (result.run_id,))[0]
+    assert row["status"] == "failed" and "Published: TEX01" in row["result_message"]
+    assert "product code 'BAD 04' (product_id 14) cannot name a directory" in row["result_message"]
+    assert "product code 'DUP05' is used by products [15, 16]" in row["result_message"]

@@ -3,6 +3,7 @@ and the root the service scans only ever holds the live symlinks."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from inspection_refresh import publish as publish_module
-from inspection_refresh.publish import MARKER_FILE, Publisher, PublishError, is_published_root, main
+from inspection_refresh.publish import MARKER_FILE, PIN_FILE, Publisher, PublishError, is_published_root, main
 
 
 @pytest.fixture
@@ -262,3 +263,62 @@ def test_readers_never_see_a_mix_of_versions(root):
     stop.set()
     thread.join()
     assert reads[0] > 0 and mixes == []
+
+
+def test_the_cli_rollback_pins_and_list_and_unpin_show_and_remove_the_pin(root, capsys):
+    publisher = Publisher(root)
+    for version in ("v1", "v2"):
+        publish_files(publisher, "normal", version, {"a.txt": version})
+    assert main(["rollback", "--root", str(root), "--name", "normal"]) == 0
+    pin = publisher.pinned("normal")
+    assert pin["version"] == "v1" and pin["pinned_by"].startswith("cli") and pin["pinned_at"]
+    pin_file = publisher.releases / "normal" / PIN_FILE
+    assert json.loads(pin_file.read_text()) == pin
+    assert os.listdir(root) == ["normal"] and publisher.versions("normal") == ["v1", "v2"]
+    assert "live version is now v1, pinned" in capsys.readouterr().out
+    assert main(["list", "--root", str(root), "--name", "normal"]) == 0
+    out = capsys.readouterr().out
+    assert "normal is pinned to version v1 by cli" in out and out.splitlines()[-2:] == ["* v1", "  v2"]
+    assert main(["unpin", "--root", str(root), "--name", "normal"]) == 0
+    assert "normal: unpinned (was pinned to version v1 by cli" in capsys.readouterr().out
+    assert publisher.pinned("normal") is None and not pin_file.exists()
+    assert main(["unpin", "--root", str(root), "--name", "normal"]) == 0
+    assert "normal: was not pinned" in capsys.readouterr().out
+
+
+def test_a_pinned_name_is_published_over_only_when_unpinning(root):
+    publisher = Publisher(root)
+    for version in ("v1", "v2"):
+        publish_files(publisher, "normal", version, {"a.txt": version})
+    publisher.rollback("normal", pinned_by="airflow:admin", run_id="manual__1")
+    assert publisher.pinned("normal")["run_id"] == "manual__1"
+    staging = publisher.stage("normal")
+    (staging / "a.txt").write_text("v3")
+    with pytest.raises(PublishError, match="normal is pinned to version v1 by airflow:admin"):
+        publisher.publish("normal", staging, "v3")
+    assert publisher.current("normal") == "v1" and publisher.pinned("normal")
+    publisher.publish("normal", staging, "v3", unpin=True)
+    assert publisher.current("normal") == "v3" and publisher.pinned("normal") is None
+
+
+def test_only_kept_versions_can_be_pinned_and_an_unreadable_pin_is_an_error(root):
+    publisher = Publisher(root)
+    publish_files(publisher, "normal", "v1", {"a.txt": "1"})
+    with pytest.raises(PublishError, match="not a kept version"):
+        publisher.pin("normal", "v9", "me")
+    (publisher.releases / "normal" / PIN_FILE).write_text("{half a pin")
+    with pytest.raises(PublishError, match="unreadable.*inspection-publish unpin"):
+        publisher.pinned("normal")
+    assert publisher.unpin("normal")
+    assert publisher.pinned("normal") is None
+    assert publisher.versions("normal") == ["v1"] and publisher.names() == ["normal"]
+
+
+def test_nothing_newer_than_the_live_version_is_pruned(root):
+    publisher = Publisher(root, keep=2)
+    for version in ("v3", "v4", "v5"):
+        publish_files(publisher, "normal", version, {"a.txt": version})
+    assert publisher.versions("normal") == ["v4", "v5"]
+    publish_files(publisher, "normal", "v1", {"a.txt": "1"})  # live, and older than what was kept
+    assert publisher.current("normal") == "v1"
+    assert publisher.versions("normal") == ["v1", "v4", "v5"]

@@ -53,3 +53,30 @@ def test_old_work_dirs_of_failed_runs_are_pruned(tmp_path):
     os.utime(old, (month_ago, month_ago))
     assert prune_run_work_dirs(tmp_path, "clip") == [old]
     assert not old.exists() and recent.exists()
+
+
+def test_build_scripts_come_from_the_allow_list(tmp_path, monkeypatch):
+    from inspection_refresh.airflow_support import PermanentError
+    from inspection_refresh.tasks import patchcore as pipeline
+
+    extra = tmp_path / "site_build.sh"
+    extra.write_text("#!/usr/bin/env bash\n")
+    monkeypatch.setenv("INSPECTION_PATCHCORE_SCRIPTS", f"{extra}:{tmp_path / 'gone.sh'}")
+    assert pipeline.allowed_scripts(pipeline.get_settings()) == [
+        str(pipeline.BUNDLED_SCRIPT), str(extra), str(tmp_path / "gone.sh")]
+    assert pipeline.PatchcoreRun(run_id="r").script_path == pipeline.BUNDLED_SCRIPT
+    assert pipeline.PatchcoreRun(run_id="r", script=str(extra)).script_path == extra
+    with pytest.raises(PermanentError, match="not allowed on this worker.*INSPECTION_PATCHCORE_SCRIPTS"):
+        pipeline.PatchcoreRun(run_id="r", script="/bin/sh").script_path
+    with pytest.raises(PermanentError, match="gone.sh does not exist"):
+        pipeline.PatchcoreRun(run_id="r", script=str(tmp_path / "gone.sh")).script_path
+
+
+def test_the_build_script_environment_has_no_connection_secrets(monkeypatch):
+    from inspection_refresh.tasks.patchcore import script_environment
+
+    monkeypatch.setenv("AIRFLOW_CONN_DEPLOY_DB", "mysql://root:secret@db/x")
+    monkeypatch.setenv("NCP_SECRET_KEY", "secret")
+    env = script_environment({"PRODUCT_CODE": "P1"})
+    assert env["PRODUCT_CODE"] == "P1" and env["PATH"] == __import__("os").environ["PATH"]
+    assert "AIRFLOW_CONN_DEPLOY_DB" not in env and "NCP_SECRET_KEY" not in env

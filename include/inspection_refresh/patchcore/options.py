@@ -75,15 +75,15 @@ def as_percentile(name: str, value: float) -> float:
     """``--pixel_pct``/``--image_pct`` as a percentile in (0, 100].
 
     Values in (0, 1] are quantiles, as the old ``build_bank.py`` read them (0.995 = the
-    99.5th percentile); values in (1, 100] are percentiles. The log says which reading
-    was taken. Raises ``BankBuildError`` outside (0, 100].
+    99.5th percentile); values in (1, 100] are percentiles. A quantile reading is logged
+    (INFO), so an old command line shows how it was understood. Raises ``BankBuildError`` outside (0, 100].
     """
     if not (math.isfinite(value) and 0 < value <= 100):
         raise BankBuildError(f"{name} must be a quantile in (0, 1] or a percentile in (1, 100] (got {value})")
     if value <= 1:
         log.info("%s %g read as a quantile: the %gth percentile", name, value, round(value * 100, 6))
         return round(value * 100, 6)
-    log.info("%s %g read as a percentile", name, value)
+    log.debug("%s %g read as a percentile", name, value)  # the plain reading: not worth a line per build
     return float(value)
 
 
@@ -95,7 +95,7 @@ class BuildOptions:
     option         default here           old ``build_bank.py``
     ============== ====================== ==========================
     layers         layer2, layer3         layer2, layer3, layer4
-    coreset        0.1                    0.02
+    coreset        0.05                   0.02
     pixel_pct      99.5 (= 0.995)         0.995 (quantile)
     image_pct      99.5 (= 0.995)         0.995 (quantile)
     reservoir_max  200,000 patches        no bound
@@ -115,7 +115,7 @@ class BuildOptions:
     shorter: int = 512
     stride: int = 2
     layers: list[str] = field(default_factory=lambda: ["layer2", "layer3"])
-    coreset: float = 0.1
+    coreset: float = 0.05
     reservoir_max: int = 200_000
     seed: int = 0
     pixel_pct: float = 99.5

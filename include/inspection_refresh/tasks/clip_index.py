@@ -15,14 +15,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from inspection_refresh.airflow_support import finished_run_state
 from inspection_refresh.config import Settings, get_settings
 from inspection_refresh.files import link_or_copy
 from inspection_refresh.images import parse_image_key, reject_reason
-from inspection_refresh.publish import Publisher, new_version_id
+from inspection_refresh.publish import Publisher, describe_pin, new_version_id
 from inspection_refresh.registry import DeploymentRegistry, RegistryError
-from inspection_refresh.storage import ObjectInfo, ObjectStorage, StorageError
+from inspection_refresh.storage import ObjectInfo, ObjectStorage, StorageError, plan_mirror, require_complete
 from inspection_refresh.tasks.common import (
-    NothingToDo, cap_list, prune_run_work_dirs, read_json, remove_run_work_dir, run_work_dir, write_json,
+    NothingToDo, cap_list, prune_run_work_dirs, read_json, recorded_outcome, remove_run_work_dir, run_work_dir,
+    unpin_hint, write_json,
 )
 from inspection_refresh.tasks.stages import first_failure, read_stages, record_stage
 
@@ -47,8 +49,12 @@ class ClipRun:
     device: str = "auto"
     full_rebuild: bool = False
     skip_if_unchanged: bool = False
+    max_missing_images: int = 0
+    """Images that may fail to download (after every retry) and still leave a publishable index."""
     scheduled: bool = False
     deployed_by: str | None = None
+    dag_id: str = ""
+    """The Airflow DAG running this; with ``run_id`` it keys the deployment row. Default ``clip_index_<index_type>``."""
     settings: Settings = field(default_factory=get_settings)
 
     def __post_init__(self) -> None:
@@ -56,6 +62,8 @@ class ClipRun:
             raise ValueError(f"index_type must be one of {INDEX_TYPES}, not {self.index_type!r}")
         if not self.prefix.endswith("/"):
             object.__setattr__(self, "prefix", self.prefix + "/")
+        if not self.dag_id:
+            object.__setattr__(self, "dag_id", f"clip_index_{self.index_type}")
 
     @property
     def work_dir(self) -> Path:
@@ -68,12 +76,11 @@ class ClipRun:
 
     @property
     def publisher(self) -> Publisher:
-        return Publisher(self.settings.index_root, keep=self.settings.keep_versions,
-                         releases=self.settings.index_releases)
+        return self.settings.index_publisher()
 
 
 def source_fingerprint(prefix: str, objects: list[ObjectInfo]) -> str:
-    """Identifies the exact set of image objects (key, ETag, size) a build would read."""
+    """Identifies an exact set of image objects (key, ETag, size): those a build would read, or did."""
     digest = hashlib.sha256(prefix.encode())
     for obj in sorted(objects, key=lambda o: o.key):
         digest.update(f"\n{obj.key}\t{obj.etag}\t{obj.size}".encode())
@@ -89,64 +96,93 @@ def published_manifest(run: ClipRun) -> dict[str, Any] | None:
 
 
 def download(run: ClipRun) -> dict[str, Any]:
-    """List the prefix, decide whether a rebuild is needed, open the deployment row, mirror the images."""
+    """List the prefix, decide whether a rebuild is needed, open the deployment row, mirror the images.
+
+    Images that still fail after the sync's retries fail the task (transiently, so
+    Airflow retries it), unless there are at most ``run.max_missing_images``: then
+    the index is built without them and they are listed as missing.
+    """
     prune_run_work_dirs(run.settings.cache_root, PIPELINE)
     shutil.rmtree(run.work_dir, ignore_errors=True)  # a cleared-and-rerun run starts clean
     run.work_dir.mkdir(parents=True, exist_ok=True)
     with record_stage(run.work_dir, "download") as stage:
+        if run.scheduled:
+            _skip_if_pinned(run)
         storage = ObjectStorage(run.settings.storage_conn_id, max_transfers=run.settings.max_transfers)
         storage.check_access()
         listing = list(storage.list_objects(run.prefix))
-        candidates = [obj for obj in listing if reject_reason(obj) is None]
-        fingerprint = source_fingerprint(run.prefix, candidates)
+        candidates = [obj for obj, _ in plan_mirror(listing, run.prefix, run.mirror_dir, reject_reason)[0].values()]
         if (run.scheduled or run.skip_if_unchanged) and not run.full_rebuild:
-            _skip_if_unchanged(run, fingerprint)
+            _skip_if_unchanged(run, source_fingerprint(run.prefix, candidates))
 
-        DeploymentRegistry(run.settings.db_conn_id).start(
-            DEPLOY_TYPE, run.run_id, deployed_by=run.deployed_by,
-            details={"index_type": run.index_type, "source_prefix": run.prefix},
-        )
+        registry = DeploymentRegistry(run.settings.db_conn_id)
+        registry.close_abandoned_runs(run.dag_id, run.run_id, finished_run_state)
+        registry.start(DEPLOY_TYPE, run.dag_id, run.run_id, deployed_by=run.deployed_by,
+                       details={"index_type": run.index_type, "source_prefix": run.prefix})
         if not candidates:
             raise StorageError(
                 f"no images under s3://{storage.bucket}/{run.prefix} ({len(listing)} other objects): "
                 "upload images there or choose another prefix; the published index is unchanged"
             )
         result = storage.sync_prefix(run.prefix, run.mirror_dir, accept=reject_reason, objects=listing)
+        missing = [key for key, _ in result.failed]
+        # What is indexed, not what is listed: an index missing images does not match the
+        # listing, so the next scheduled run rebuilds it instead of skipping.
+        fingerprint = source_fingerprint(run.prefix, [obj for obj in candidates if obj.key in result.files])
+        stage.facts = {  # recorded before the checks below, so a failed run's row names the missing images
+            **result.summary(),
+            "bucket": storage.bucket,
+            "source_fingerprint": fingerprint,
+            "skipped": cap_list([list(s) for s in result.skipped]),
+            "failed": cap_list([list(f) for f in result.failed]),
+            "missing_images": cap_list(missing),
+            "num_missing": len(missing),
+        }
         if not result.files:
             raise StorageError(f"none of the {len(candidates)} images under {run.prefix} could be downloaded: "
                                f"{cap_list(result.failed, 3)}", transient=True)
+        require_complete(result, allowed_missing=run.max_missing_images,
+                         hint="Set the DAG param max_missing_images to publish an index without them.")
         inventory = [{"key": key, "path": str(path), "etag": result.etags[key]}
                      for key, path in sorted(result.files.items())]
         write_json(run.work_dir / "inventory.json", {"storage_urls": {
             key: storage.storage_url(key) for key in result.files}, "images": inventory})
-        stage.facts = {
-            **result.summary(),
-            "bucket": storage.bucket,
-            "source_fingerprint": fingerprint,
-            "skipped": cap_list([list(s) for s in result.skipped + result.failed]),
-        }
-        log.info("Downloaded %d images under %s (%d new, %d unchanged, %d skipped, %d failed)",
+        log.info("Downloaded %d images under %s (%d new, %d unchanged, %d skipped, %d missing)",
                  len(result.files), run.prefix, result.downloaded, result.unchanged,
-                 len(result.skipped), len(result.failed))
+                 len(result.skipped), len(missing))
         return {"images": len(inventory), "source_fingerprint": fingerprint,
                 "downloaded": result.downloaded, "unchanged": result.unchanged,
-                "skipped": len(result.skipped) + len(result.failed)}
+                "skipped": len(result.skipped), "missing": len(missing)}
 
 
-def _skip_if_unchanged(run: ClipRun, fingerprint: str) -> None:
+def unchanged_live_index(run: ClipRun, fingerprint: str) -> dict[str, Any] | None:
+    """The live index's manifest if it was built from exactly these images with this model, else ``None``."""
     from inspection_refresh.clip.weights import model_identity
 
     manifest = published_manifest(run)
-    if not manifest:
-        return
+    if not manifest or run.publisher.current(run.index_type) is None:
+        return None  # nothing published, or a directory from before this package: publish a version
     same_images = manifest.get("source_fingerprint") == fingerprint
     same_model = manifest.get("model_identity") == model_identity(run.model, run.pretrained)
-    if same_images and same_model:
+    return manifest if same_images and same_model else None
+
+
+def _skip_if_unchanged(run: ClipRun, fingerprint: str) -> None:
+    manifest = unchanged_live_index(run, fingerprint)
+    if manifest:
         raise NothingToDo(
             f"images under {run.prefix} are unchanged since the published {run.index_type} index "
             f"(version {run.publisher.current(run.index_type)}, {manifest.get('count')} images, same model): "
             "skipping the rebuild. Trigger with full_rebuild=true to force one."
         )
+
+
+def _skip_if_pinned(run: ClipRun) -> None:
+    """A rolled-back index is pinned: scheduled runs must not replace it."""
+    pin = run.publisher.pinned(run.index_type)
+    if pin:
+        raise NothingToDo(f"the {run.index_type} index is {describe_pin(pin)}, so scheduled runs leave it alone. "
+                          + unpin_hint(f"clip:{run.index_type}"))
 
 
 def embed(run: ClipRun) -> dict[str, Any]:
@@ -201,6 +237,14 @@ def index_save(run: ClipRun) -> dict[str, Any]:
 
     with record_stage(run.work_dir, "index_save") as stage:
         downloaded = read_json(run.work_dir / "stage-download.json")["facts"]
+        live = None if run.full_rebuild else unchanged_live_index(run, downloaded["source_fingerprint"])
+        if live:  # an identical version would only push distinct older versions out of the kept ones
+            stage.facts = {"unchanged": True, "version": run.publisher.current(run.index_type),
+                           "path": str(run.publisher.live_path(run.index_type)), "count": live.get("count"),
+                           "dim": live.get("dim")}
+            log.info("Same images and model as the live %s index: version %s stays live, nothing published",
+                     run.index_type, stage.facts["version"])
+            return dict(stage.facts)
         inventory_doc = read_json(run.work_dir / "inventory.json")
         inventory = inventory_doc["images"]
         rows = read_json(run.work_dir / "rows.json")
@@ -229,12 +273,14 @@ def index_save(run: ClipRun) -> dict[str, Any]:
                     "source_bucket": downloaded["bucket"],
                     "source_prefix": run.prefix,
                     "source_fingerprint": downloaded["source_fingerprint"],
+                    "missing_images": downloaded.get("missing_images", []),
                     "run_id": run.run_id,
                     "created_at": datetime.now(timezone.utc).isoformat(),
                 },
             )
             verified = verify_index(staging)
-            release = publisher.publish(run.index_type, staging, version)
+            # A manual run replaces a rollback's pin; a scheduled one never publishes over it.
+            release = publisher.publish(run.index_type, staging, version, unpin=not run.scheduled)
         except BaseException:
             publisher.discard(staging)
             raise
@@ -266,9 +312,16 @@ def _metadata_record(row: int, key: str, local_path: str, storage_url: str, prod
 def register(run: ClipRun) -> dict[str, Any]:
     """Close the run's ``deployment_logs`` row as completed or failed; return the outcome.
 
-    Raises :class:`NothingToDo` when the run skipped the rebuild (no row is written).
+    Raises :class:`NothingToDo` when the run skipped the rebuild (no row is written). A
+    cleared register whose run already closed its row and removed its work files (a
+    completed run) returns what the row says instead of rewriting it as failed.
     """
+    registry = DeploymentRegistry(run.settings.db_conn_id)
     records = read_stages(run.work_dir, STAGES)
+    if all(record["status"] == "not run" for record in records.values()):
+        recorded = recorded_outcome(registry, run.dag_id, run.run_id)
+        if recorded:
+            return recorded
     if records["download"]["status"] == "skipped":
         raise NothingToDo(records["download"]["message"])
     failure = first_failure(records)
@@ -286,8 +339,10 @@ def register(run: ClipRun) -> dict[str, Any]:
         "downloaded": downloaded.get("downloaded"),
         "mb_downloaded": downloaded.get("mb_downloaded"),
         "skipped_objects": downloaded.get("skipped", []),
+        "missing_images": downloaded.get("missing_images", []),
         "unreadable_images": embedded.get("unreadable", []),
         "version": saved.get("version"),
+        "unchanged": bool(saved.get("unchanged")),
         "index_path": saved.get("path"),
         "processing_time": round(sum(r.get("seconds", 0) for r in records.values()), 2),
         "stages": {s: r["status"] for s, r in records.items()},
@@ -298,17 +353,22 @@ def register(run: ClipRun) -> dict[str, Any]:
         live = run.publisher.current(run.index_type)
         text = (f"{run.index_type} index rebuild failed at {stage}: {message}. "
                 f"The live index is unchanged ({'version ' + live if live else 'none published yet'}).")
+    elif saved.get("unchanged"):
+        status = "completed"
+        text = (f"{run.index_type} index unchanged, version {saved['version']} stays live: the same "
+                f"{saved['count']} images and model as its build, so nothing was published")
     else:
         status = "completed"
         skipped = len(downloaded.get("skipped", [])) + len(embedded.get("unreadable", []))
+        missing = downloaded.get("num_missing", 0)
         text = (f"{run.index_type} index version {saved['version']} published: {saved['count']} images "
                 f"({embedded.get('embedded')} embedded, {embedded.get('cached')} cached"
-                f"{f', {skipped} objects skipped' if skipped else ''}), dim {saved['dim']}"
+                f"{f', {skipped} objects skipped' if skipped else ''}"
+                f"{f', {missing} MISSING (could not be downloaded; see missing_images)' if missing else ''}"
+                f"), dim {saved['dim']}"
                 f"{' — RANDOM weights (demo/test only)' if embedded.get('random_weights') else ''}")
-    deploy_id = DeploymentRegistry(run.settings.db_conn_id).finish(
-        DEPLOY_TYPE, run.run_id, status=status, message=text, result_data=result_data,
-        deployed_by=run.deployed_by,
-    )
+    deploy_id = registry.finish(DEPLOY_TYPE, run.dag_id, run.run_id, status=status, message=text,
+                                result_data=result_data, deployed_by=run.deployed_by)
     if status == "completed":
         remove_run_work_dir(run.settings.cache_root, PIPELINE, f"{run.index_type}-{run.run_id}")
     return {"deploy_id": deploy_id, "status": status, "message": text, **{

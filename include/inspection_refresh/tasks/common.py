@@ -1,8 +1,9 @@
-"""Pieces every DAG's task functions share: run work directories and small JSON files."""
+"""Pieces every DAG's task functions share: run work directories, small JSON files, recorded outcomes."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -11,10 +12,24 @@ from pathlib import Path
 from typing import Any
 
 from inspection_refresh.files import write_json_atomic
+from inspection_refresh.registry import DeploymentRegistry
+
+
+log = logging.getLogger(__name__)
 
 
 class NothingToDo(Exception):
     """The run has nothing to deploy (e.g. a scheduled run with unchanged images); the DAG skips."""
+
+
+def recorded_outcome(registry: DeploymentRegistry, dag_id: str, run_id: str) -> dict[str, Any] | None:
+    """What the run's already closed deployment row says, for a register task cleared after its
+    run removed the work files (a completed run): the row must stay as recorded, not turn failed."""
+    recorded = registry.closed_outcome(dag_id, run_id)
+    if recorded:
+        log.info("%s run %s already recorded deployment #%s as %s and its work files are gone: "
+                 "leaving the record as it is", dag_id, run_id, recorded["deploy_id"], recorded["status"])
+    return recorded
 
 
 def safe_run_id(run_id: str) -> str:
@@ -56,3 +71,12 @@ def read_json(path: str | os.PathLike) -> Any:
 def cap_list(items: list, limit: int = 50) -> list:
     """Keep XCom and result_data small: the first ``limit`` items and a count of the rest."""
     return items if len(items) <= limit else [*items[:limit], f"... and {len(items) - limit} more"]
+
+
+ROLLBACK_DAG_ID = "deployment_rollback"
+
+
+def unpin_hint(artefact: str) -> str:
+    """How an operator lets scheduled runs deploy a pinned ``artefact`` (``clip:normal``, a product code) again."""
+    return (f"To deploy it again, trigger a manual run (publishing a new version removes the pin), or unpin it: "
+            f"trigger {ROLLBACK_DAG_ID} with artefact={artefact} and unpin=true, or run 'inspection-publish unpin'.")

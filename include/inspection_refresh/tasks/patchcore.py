@@ -9,8 +9,10 @@ the others from publishing, and the history row names what failed and why.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -19,15 +21,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inspection_refresh.airflow_support import PermanentError
+from inspection_refresh.airflow_support import PermanentError, finished_run_state
 from inspection_refresh.config import Settings, get_settings
 from inspection_refresh.files import copy_tree_linked
 from inspection_refresh.images import DEFECT_PREFIX, NORMAL_PREFIX, reject_reason
-from inspection_refresh.publish import Publisher, check_name
+from inspection_refresh.patchcore.options import BuildOptions
+from inspection_refresh.publish import Publisher, PublishError, check_name, describe_pin
 from inspection_refresh.registry import DeploymentRegistry, Product, RegistryError
-from inspection_refresh.storage import SYNC_STATE_FILE, ObjectStorage
+from inspection_refresh.storage import SYNC_STATE_FILE, ObjectStorage, require_complete
 from inspection_refresh.tasks.common import (
-    cap_list, prune_run_work_dirs, read_json, remove_run_work_dir, run_work_dir, write_json,
+    NothingToDo, cap_list, prune_run_work_dirs, read_json, recorded_outcome, remove_run_work_dir, run_work_dir,
+    unpin_hint, write_json,
 )
 from inspection_refresh.tasks.stages import record_stage
 
@@ -38,6 +42,8 @@ PIPELINE = "patchcore"
 BUNDLED_SCRIPT = Path(__file__).resolve().parents[1] / "build_patchcore.sh"
 SUMMARY_MARK = "PATCHCORE_SUMMARY "  # the builder's last stdout line, kept in the build log
 LAYERS = ("layer2", "layer3", "layer4")
+BUILD_DEFAULTS = BuildOptions()
+"""The builder's defaults, which the DAG's params and a run start from."""
 
 
 @dataclass(frozen=True)
@@ -46,15 +52,17 @@ class PatchcoreRun:
 
     run_id: str
     products: tuple[str, ...] = ()
-    coreset: float = 0.1
-    shorter: int = 512
-    stride: int = 2
-    layers: tuple[str, ...] = ("layer2", "layer3")
+    coreset: float = BUILD_DEFAULTS.coreset
+    shorter: int = BUILD_DEFAULTS.shorter
+    stride: int = BUILD_DEFAULTS.stride
+    layers: tuple[str, ...] = tuple(BUILD_DEFAULTS.layers)
     script: str = ""
     weights: str = "imagenet"
     device: str = "auto"
     scheduled: bool = False
     deployed_by: str | None = None
+    dag_id: str = "patchcore_memory_bank"
+    """The Airflow DAG running this; with ``run_id`` it keys the deployment row."""
     settings: Settings = field(default_factory=get_settings)
 
     def __post_init__(self) -> None:
@@ -75,19 +83,43 @@ class PatchcoreRun:
 
     @property
     def publisher(self) -> Publisher:
-        return Publisher(self.settings.patchcore_root, keep=self.settings.keep_versions,
-                         releases=self.settings.patchcore_releases)
+        return self.settings.patchcore_publisher()
 
     @property
     def script_path(self) -> Path:
-        script = Path(self.script or self.settings.patchcore_script or BUNDLED_SCRIPT)
-        if not script.is_file():
-            raise PermanentError(f"build script {script} does not exist; leave the 'script' param empty to use "
-                                 f"the bundled {BUNDLED_SCRIPT.name}")
-        return script
+        """The chosen build script; only scripts of the settings' allow-list run."""
+        allowed = allowed_scripts(self.settings)
+        script = self.script or allowed[0]
+        if script not in allowed:
+            raise PermanentError(f"build script {script} is not allowed on this worker (allowed: {', '.join(allowed)}); "
+                                 "add it to INSPECTION_PATCHCORE_SCRIPTS (colon-separated) on the workers")
+        if not Path(script).is_file():
+            raise PermanentError(f"build script {script} does not exist on this worker; install it there or "
+                                 "remove it from INSPECTION_PATCHCORE_SCRIPTS")
+        return Path(script)
 
     def expected_config(self) -> dict[str, Any]:
         return {"layers": list(self.layers), "shorter": self.shorter, "stride": self.stride, "weights": self.weights}
+
+
+def allowed_scripts(settings: Settings) -> list[str]:
+    """Build scripts an operator may choose: the default (first), then ``INSPECTION_PATCHCORE_SCRIPTS``."""
+    default = settings.patchcore_script or str(BUNDLED_SCRIPT)
+    return list(dict.fromkeys([default, *settings.patchcore_scripts]))
+
+
+# What a build script inherits from the worker: enough to run Python, torch and CUDA, and never the
+# worker's Airflow connections (AIRFLOW_CONN_*) or other secrets.
+SCRIPT_ENV_PASSTHROUGH = (
+    "PATH", "HOME", "LANG", "LC_ALL", "TZ", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
+    "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "TORCH_HOME", "XDG_CACHE_HOME",
+)
+
+
+def script_environment(contract: dict[str, str]) -> dict[str, str]:
+    """The build script's whole environment: the contract's variables plus :data:`SCRIPT_ENV_PASSTHROUGH`."""
+    inherited = {name: os.environ[name] for name in SCRIPT_ENV_PASSTHROUGH if name in os.environ}
+    return {**inherited, **contract}
 
 
 def _db_configured(conn_id: str) -> bool:
@@ -134,7 +166,8 @@ def _list_products(run: PatchcoreRun) -> list[dict[str, Any]]:
     products: list[Product] | None = None
     source = "products table"
     if use_db:
-        registry.start(DEPLOY_TYPE, run.run_id, deployed_by=run.deployed_by,
+        registry.close_abandoned_runs(run.dag_id, run.run_id, finished_run_state)
+        registry.start(DEPLOY_TYPE, run.dag_id, run.run_id, deployed_by=run.deployed_by,
                        details={"products_requested": list(run.products) or "all"})
         try:
             products = registry.active_products()
@@ -152,38 +185,115 @@ def _list_products(run: PatchcoreRun) -> list[dict[str, Any]]:
             raise PermanentError(f"unknown or inactive products requested: {sorted(unknown)}; "
                                  f"known: {[p.product_code for p in products]}")
         products = [p for p in products if p.product_code in wanted or str(p.product_id) in wanted]
-    if not products:
+    pinned = _pinned_products(run, products) if run.scheduled else {}
+    products = [p for p in products if p.product_code not in pinned]
+    if not products and not pinned:
         raise PermanentError(f"no products to build (from the {source}); add products or upload normal images "
                              f"under {NORMAL_PREFIX}{{product_id}}/")
-    chosen = [{"product_id": p.product_id, "product_code": check_name(p.product_code),
-               "product_name": p.product_name} for p in products]
-    write_json(run.work_dir / "products.json", {"source": source, "products": chosen, "history": use_db})
+    chosen = [_mapped_product(p, products) for p in products]
+    write_json(run.work_dir / "products.json",
+               {"source": source, "products": chosen, "pinned": pinned, "history": use_db})
     log.info("Building %d PatchCore banks (products from the %s): %s", len(chosen), source,
              ", ".join(p["product_code"] for p in chosen))
     return chosen
 
 
+def _mapped_product(product: Product, products: list[Product]) -> dict[str, Any]:
+    """One mapped task's product. A code that cannot name a directory, or that several products
+    share, fails only this product (at prepare) with ``problem``; its files and results go under
+    ``product_<id>`` instead, so it can never collide with another product's mirror or staging."""
+    code = product.product_code
+    sharing = [p.product_id for p in products if p.product_code == code]
+    problem = None
+    try:
+        check_name(code)
+    except PublishError:
+        problem = (f"product code {code!r} (product_id {product.product_id}) cannot name a directory in the "
+                   "PatchCore root: use letters, digits, '.', '_' or '-' in products.product_code")
+    if problem is None and len(sharing) > 1:
+        problem = (f"product code {code!r} is used by products {sharing}: the service finds a bank by its code, so "
+                   "codes must be unique; fix products.product_code (or deactivate one)")
+    return {"product_id": product.product_id, "product_code": f"product_{product.product_id}" if problem else code,
+            "label": code, "product_name": product.product_name, "problem": problem}
+
+
+def _pinned_products(run: PatchcoreRun, products: list[Product]) -> dict[str, dict[str, Any]]:
+    """Product code -> pin, for the products a rollback pinned: scheduled runs leave them out."""
+    publisher = run.publisher
+    pinned = {p.product_code: pin for p in products if (pin := publisher.pinned(p.product_code))}
+    for code, pin in pinned.items():
+        log.warning("Leaving out product %s: its bank is %s. %s", code, describe_pin(pin), unpin_hint(code))
+    return pinned
+
+
+def _images_fingerprint(directory: Path) -> str:
+    """Names, sizes and contents of the images under ``directory``: the mirror, or a published bank's ``ok/``."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != SYNC_STATE_FILE):
+        with open(path, "rb") as handle:
+            content = hashlib.file_digest(handle, "sha256").hexdigest()
+        digest.update(f"{path.relative_to(directory).as_posix()}\t{path.stat().st_size}\t{content}\n".encode())
+    return digest.hexdigest()
+
+
+def _unchanged_live_bank(run: PatchcoreRun, code: str, ok_dir: Path) -> str | None:
+    """The live version of ``code`` if it was built from these normal images with this run's settings.
+
+    Compares the live bank's ``ok/`` with the mirror, and its ``bank_config.json`` with the
+    requested settings as publishing validates them, plus the coreset size. A run with another
+    build script than the default always builds: nothing records which script built the live bank.
+    """
+    from inspection_refresh.patchcore.bank import CONFIG_FILE, validate_bank
+    from inspection_refresh.patchcore.options import BankValidationError
+
+    version = run.publisher.current(code)
+    live = run.publisher.live_path(code)
+    other_script = str(run.script_path) != allowed_scripts(run.settings)[0]
+    if version is None or other_script or _images_fingerprint(live / "ok") != _images_fingerprint(ok_dir):
+        return None
+    try:
+        validate_bank(live, run.expected_config())
+        recorded_coreset = (read_json(live / CONFIG_FILE).get("coreset") or {}).get("coreset")
+    except (BankValidationError, OSError, ValueError) as exc:
+        log.info("Product %s: same images, but the live bank %s differs from this run's settings (%s)",
+                 code, version, exc)
+        return None
+    return version if recorded_coreset == run.coreset else None
+
+
 def prepare_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, str]:
-    """Mirror the product's normal (and labelled defect) images; return the build script's environment."""
+    """Mirror the product's normal (and labelled defect) images; return the build script's environment.
+
+    Any image that still fails after the sync's retries fails the task (transiently,
+    so Airflow retries it): a bank is never built from part of the product's images.
+    """
     code, product_id = product["product_code"], product["product_id"]
     with record_stage(run.product_dir(code), "download") as stage:
-        storage = ObjectStorage(run.settings.storage_conn_id, max_transfers=run.settings.max_transfers)
+        if product.get("problem"):
+            raise PermanentError(product["problem"])
+        storage = ObjectStorage(run.settings.storage_conn_id, max_transfers=run.settings.patchcore_transfers)
         cache = run.settings.cache_root / PIPELINE / code
         prefix = f"{NORMAL_PREFIX}{product_id}/"
         normal = storage.sync_prefix(prefix, cache / "ok", accept=reject_reason)
-        if not normal.files:
+        if not normal.files and not normal.failed:
             raise PermanentError(f"product {code}: no normal images under s3://{storage.bucket}/{prefix} "
                                  f"({len(normal.skipped)} other objects); upload some before building its bank")
         # Labelled defects (images/defect/{product_id}_{defect_type_id}/) only score the held-out AUROC.
         defects = storage.sync_prefix(f"{DEFECT_PREFIX}{product_id}_", cache / "defects", accept=reject_reason)
+        require_complete(normal, defects)
+        unchanged = _unchanged_live_bank(run, code, cache / "ok")
+        if unchanged:  # an identical bank would only push distinct older versions out of the kept ones
+            stage.facts = {"images": len(normal.files), "unchanged": unchanged}
+            raise NothingToDo(f"product {code}: unchanged, version {unchanged} stays live (the same "
+                              f"{len(normal.files)} normal images and settings as its build)")
         defect_dirs = sorted({str(path.parent) for path in defects.files.values()})
         staging = run.publisher.stage(code)
         stage.facts = {"images": len(normal.files), "defect_images": len(defects.files),
-                       "skipped": cap_list([list(s) for s in normal.skipped + normal.failed]),
+                       "skipped": cap_list([list(s) for s in normal.skipped]),
                        "staging": str(staging)}
         log.info("Product %s: %d normal images (%d downloaded, %d unchanged), %d labelled defect images",
                  code, len(normal.files), normal.downloaded, normal.unchanged, len(defects.files))
-        return {
+        return script_environment({
             "PRODUCT_CODE": code,
             "OK_DIR": str(cache / "ok"),
             "OUT_DIR": str(staging),
@@ -197,7 +307,7 @@ def prepare_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, str
             "PATCHCORE_SCRIPT": str(run.script_path),
             "PATCHCORE_LOG": str(run.product_dir(code) / "build.log"),
             "PYTHON": sys.executable,
-        }
+        })
 
 
 def parse_build_summary(text: str | None) -> dict[str, Any] | None:
@@ -222,7 +332,8 @@ def publish_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any
             facts = validate_bank(staging, run.expected_config())
             copy_tree_linked(run.settings.cache_root / PIPELINE / code / "ok", staging / "ok",
                              ignore=shutil.ignore_patterns(SYNC_STATE_FILE))
-            release = run.publisher.publish(code, staging)
+            # A manual run replaces a rollback's pin; a scheduled one never publishes over it.
+            release = run.publisher.publish(code, staging, unpin=not run.scheduled)
         except BaseException:
             run.publisher.discard(staging)
             raise
@@ -249,6 +360,9 @@ def _product_outcome(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, An
             "num_images", "bank_size", "feature_dim", "tau", "seconds", "auroc", "accuracy_at_tau", "version",
             "path")})
         return outcome
+    if records["download"] and records["download"]["status"] == "skipped":
+        facts = records["download"]["facts"]
+        return {**outcome, "status": "unchanged", "version": facts.get("unchanged"), "num_images": facts.get("images")}
     if not records["download"] or records["download"]["status"] != "ok":
         reason = records["download"]["message"] if records["download"] else "download did not run"
         return {**outcome, "status": "failed", "stage": "download", "error": reason}
@@ -278,15 +392,25 @@ def _last_error_line(text: str) -> str:
 
 
 def register(run: PatchcoreRun) -> dict[str, Any]:
-    """Write the run's one ``patchcore_create`` row with per-product results; return the outcome."""
+    """Write the run's one ``patchcore_create`` row with per-product results; return the outcome.
+
+    A cleared register whose run already closed its row and removed its work files (a
+    completed run) returns what the row says instead of rewriting it as failed.
+    """
     listed_path = run.work_dir / "products.json"
+    work_files_gone = not listed_path.exists() and not (run.work_dir / "stage-list_products.json").exists()
+    if work_files_gone and _db_configured(run.settings.db_conn_id):
+        recorded = recorded_outcome(DeploymentRegistry(run.settings.db_conn_id), run.dag_id, run.run_id)
+        if recorded:
+            return recorded
     listed = read_json(listed_path) if listed_path.exists() else {"products": [], "history": True}
     results = {p["product_code"]: _product_outcome(run, p) for p in listed["products"]}
-    failed = {code: r for code, r in results.items() if r["status"] != "published"}
+    pinned = listed.get("pinned", {})
+    failed = {code: r for code, r in results.items() if r["status"] not in ("published", "unchanged")}
     for code in failed:
         _discard_staging(run, code)
-    published = [code for code in results if code not in failed]
-    if not results:
+    published = [code for code, r in results.items() if r["status"] == "published"]
+    if not results and not pinned:
         stage_path = run.work_dir / "stage-list_products.json"
         reason = read_json(stage_path)["message"] if stage_path.exists() else "see the list_products task log"
         status, text = "failed", f"no products were built: {reason}"
@@ -298,17 +422,23 @@ def register(run: PatchcoreRun) -> dict[str, Any]:
                 + " Failed products keep their previous bank.")
     else:
         status = "completed"
-        text = f"{len(results)} PatchCore banks published: " + ", ".join(
-            f"{code} ({r['bank_size']}x{r['feature_dim']})" for code, r in results.items())
+        parts = [f"{len(published)} PatchCore banks published: " + ", ".join(
+            f"{code} ({results[code]['bank_size']}x{results[code]['feature_dim']})" for code in published)
+        ] if published else []
+        parts += [f"{code} unchanged, version {r['version']} stays live"
+                  for code, r in results.items() if r["status"] == "unchanged"]
+        text = "; ".join(parts) or "No bank was built"
+    if pinned:
+        text += ". Left out (pinned): " + "; ".join(f"{code} {describe_pin(pin)}" for code, pin in pinned.items())
     if run.weights == "random":
         text += " — RANDOM backbone weights (demo/test only)"
-    result_data = {"products": results, "settings": {
+    result_data = {"products": results, "pinned": pinned, "settings": {
         "coreset": run.coreset, "shorter": run.shorter, "stride": run.stride, "layers": list(run.layers),
         "weights": run.weights, "script": str(run.script or BUNDLED_SCRIPT)}}
     deploy_id = None
     if listed.get("history", True):
         deploy_id = DeploymentRegistry(run.settings.db_conn_id).finish(
-            DEPLOY_TYPE, run.run_id, status=status, message=text, result_data=result_data,
+            DEPLOY_TYPE, run.dag_id, run.run_id, status=status, message=text, result_data=result_data,
             deployed_by=run.deployed_by)
     else:
         log.warning("No deployment_logs row: connection %r is not configured", run.settings.db_conn_id)

@@ -245,7 +245,7 @@ def test_final_coreset_extend_and_fresh(product_dirs: tuple[Path, Path], tmp_pat
     for mode in ("extend", "fresh"):
         summary = build_product(ok, tmp_path / mode, BuildOptions(**fast, final_coreset=mode))
         config = json.loads((tmp_path / mode / "bank_config.json").read_text())
-        assert config["coreset"]["final"] == mode and summary["bank_size"] == int(np.ceil(0.1 * 8 * 48))
+        assert config["coreset"]["final"] == mode and summary["bank_size"] == int(np.ceil(BuildOptions().coreset * 8 * 48))
         banks[mode] = torch.load(tmp_path / mode / "memory_bank.pt")
     calib_size = config["calibration"]["calibration_bank_size"]
     # extend keeps the calibration bank's picks first; fresh searches again from its own first pick.

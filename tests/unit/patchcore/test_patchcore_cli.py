@@ -121,7 +121,7 @@ def test_old_quantile_percentiles_mean_the_same_as_percentiles(product_dirs: tup
 def test_help_states_the_defaults_next_to_the_old_script(subprocess_env: dict) -> None:
     result = run_cli(["--help"], subprocess_env)
     assert result.returncode == 0
-    assert "--coreset        0.1" in result.stdout and "old: 0.02" in result.stdout
+    assert "--coreset        0.05" in result.stdout and "old: 0.02" in result.stdout
     assert "old: layer2,layer3,layer4" in result.stdout and "IMAGENET1K_V2" in result.stdout
 
 
