@@ -4,11 +4,11 @@
 #   - the project's virtualenv in .venv (pinned: requirements.txt + constraints.txt)
 #   - MariaDB: the one on 127.0.0.1:3306 when it answers, else a private one under .services/
 #   - an NCP-like S3 server (moto behind a proxy that refuses ListObjectsV2, as NCP does)
-# Everything it starts is recorded under .services/ and stopped by stop_services.
+# Everything it starts is recorded under .services/ ($INSPECTION_STATE_DIR) and stopped by stop_services.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv"
-STATE="$ROOT/.services"
+STATE="${INSPECTION_STATE_DIR:-$ROOT/.services}"
 PY="$VENV/bin/python"
 mkdir -p "$STATE"
 
@@ -122,8 +122,17 @@ ensure_local_stack() {
   airflow_env
 }
 
+# Stops the Airflow UI (airflow-ui.sh): every process of its session and all they started, SIGTERM
+# then, after INSPECTION_STOP_GRACE_SECONDS (10), SIGKILL; LocalExecutor workers ignore SIGTERM.
+stop_airflow() {
+  [ -f "$STATE/airflow.pid" ] || return 0
+  "$PY" -m inspection_refresh.dev.process_tree stop --pid-file "$STATE/airflow.pid" --name "Airflow standalone" \
+    --grace "${INSPECTION_STOP_GRACE_SECONDS:-10}"
+}
+
 stop_services() {
   local pidfile
+  stop_airflow || true
   for pidfile in "$STATE/s3.pid" "$STATE/mariadb.pid"; do
     [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
     rm -f "$pidfile"
@@ -140,6 +149,9 @@ airflow_env() {
   export AIRFLOW__CORE__PLUGINS_FOLDER="$ROOT/plugins"
   export AIRFLOW__DATABASE__SQL_ALCHEMY_CONN="sqlite:///$AIRFLOW_HOME/airflow.db"
   export AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS:-True}"
+  # Tasks at once; LocalExecutor forks this many workers up front. Airflow's default (32) swamps a small machine.
+  local cpus; cpus="$(nproc)"
+  export AIRFLOW__CORE__PARALLELISM="${AIRFLOW__CORE__PARALLELISM:-$((cpus > 2 ? cpus : 2))}"
   export INSPECTION_DATA_ROOT="${INSPECTION_DATA_ROOT:-$ROOT/.demo}"
   export INSPECTION_INDEX_ROOT="${INSPECTION_INDEX_ROOT:-$INSPECTION_DATA_ROOT/clip_index}"
   export INSPECTION_PATCHCORE_ROOT="${INSPECTION_PATCHCORE_ROOT:-$INSPECTION_DATA_ROOT/patchCore}"

@@ -96,6 +96,31 @@ def finished_run_state(dag_id: str, run_id: str) -> str | None:
     return state if state in ("success", "failed") else None
 
 
+def refuse_publishing_if_run_ended(dag_id: str, run_id: str, what: str) -> None:
+    """Raise :class:`PublishError` if this task's run has already ended: an operator marked it
+    failed or success in the UI or REST API while the task ran.
+
+    Airflow stops such a task only at its next heartbeat (``[workers] min_heartbeat_interval``,
+    5 s), and a Python task ignores the SIGTERM until the SIGKILL 5 s later, so without this a task
+    could publish ``what`` after its run's deployment record was closed as failed. Ask right
+    before the atomic publish. Outside a running task, or if Airflow cannot be asked, it does nothing.
+    """
+    from airflow.sdk.execution_time import task_runner
+
+    if getattr(task_runner, "SUPERVISOR_COMMS", None) is None:
+        return  # library, CLI or test use: no Airflow run to end
+    try:
+        state = task_runner.RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id)
+    except Exception as exc:
+        log.warning("Cannot ask Airflow whether %s run %s is still running (%s: %s); publishing %s",
+                    dag_id, run_id, type(exc).__name__, exc, what)
+        return
+    state = str(getattr(state, "value", state))
+    if state in ("success", "failed"):
+        raise PublishError(f"Airflow run {run_id} was marked {state} while it ran: {what} is not published, "
+                           "the live version stays")
+
+
 def _failure_reason(context: Mapping[str, Any]) -> str:
     """Why Airflow failed the run, in words, from a DAG failure callback's context."""
     reason = context.get("reason")
@@ -116,14 +141,26 @@ def close_deployment_on_failure(context: Mapping[str, Any]) -> None:
     (register itself failing, a dagrun timeout, a deadlock). It never raises: with the
     database still down the error is logged and the DAG's next run closes the row.
     """
+    close_open_deployment(context["dag"].dag_id, context["run_id"],
+                          f"failed before recording its outcome: {_failure_reason(context)}")
+
+
+def close_open_deployment(dag_id: str, run_id: str, what_happened: str) -> bool:
+    """Close a run's ``deployment_logs`` row as failed if it is still open; True if it was.
+
+    ``what_happened`` completes the sentence "Airflow run <run_id> ...". Never raises: with the
+    database down the error is logged and the DAG's next run closes the row.
+    """
     from inspection_refresh.registry import DeploymentRegistry, RegistryError
 
-    dag_id, run_id = context["dag"].dag_id, context["run_id"]
-    message = (f"Airflow run {run_id} failed before recording its outcome: {_failure_reason(context)}. "
-               "What it published before failing, if anything, is in its task logs.")
+    message = (f"Airflow run {run_id} {what_happened}. "
+               "What it published before that, if anything, is in its task logs.")
     try:
-        if DeploymentRegistry().close_if_open(dag_id, run_id, message):
-            log.warning("Deployment record of %s run %s closed as failed: %s", dag_id, run_id, message)
+        closed = DeploymentRegistry().close_if_open(dag_id, run_id, message)
     except RegistryError as exc:
         log.error("Could not close the deployment record of %s run %s (%s); the DAG's next run closes it",
                   dag_id, run_id, exc)
+        return False
+    if closed:
+        log.warning("Deployment record of %s run %s closed as failed: %s", dag_id, run_id, message)
+    return closed

@@ -6,7 +6,8 @@ kept in ``result_data`` (``airflow_dag_id``, ``airflow_run_id``) whatever its
 two CLIP DAGs (same ``deploy_type``, same scheduled run id) keep a row each, and
 the closing task can always finish it as ``completed`` or ``failed`` even if the
 opening task never ran. Rows left open by runs that ended without closing them
-are closed by the DAG's failure callback or, failing that, by its next run.
+are closed by the DAG's failure callback (runs an operator marked failed: by the listener in
+``inspection_refresh.listeners``) or, failing that, by its next run.
 """
 
 from __future__ import annotations
@@ -306,8 +307,8 @@ class DeploymentRegistry:
     def close_abandoned_runs(self, dag_id: str, current_run_id: str, finished_state: RunStateLookup) -> list[int]:
         """Close as ``failed`` the rows earlier runs of this DAG left open although Airflow says they ended.
 
-        A run whose register task and failure callback could not reach the database (an
-        outage), or that an operator marked failed, leaves its row ``running``; the DAG's
+        A run whose register task and failure callback (or, marked failed by an operator, the
+        listener) could not reach the database (an outage) leaves its row ``running``; the DAG's
         next run tidies it. Rows whose run Airflow reports unfinished or does not know
         (``finished_state`` gives None) are left alone. Returns the ``deploy_id`` of each row closed.
         """

@@ -35,7 +35,7 @@ from typing import Any
 
 from inspection_refresh.config import get_settings
 from inspection_refresh.files import write_json_atomic
-from inspection_refresh.progress import Progress
+from inspection_refresh.progress import Progress, counted
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class SyncResult:
     """(key, reason) for objects that could not be downloaded after retries."""
 
     def summary(self) -> dict[str, Any]:
+        """Counts and lists; ``num_skipped``/``num_failed`` stay exact when a caller shortens the lists."""
         return {
             "prefix": self.prefix,
             "local_dir": str(self.local_dir),
@@ -115,6 +116,8 @@ class SyncResult:
             "seconds": round(self.seconds, 3),
             "skipped": [list(s) for s in self.skipped],
             "failed": [list(f) for f in self.failed],
+            "num_skipped": len(self.skipped),
+            "num_failed": len(self.failed),
         }
 
 
@@ -460,10 +463,10 @@ class ObjectStorage:
 
         total_bytes = sum(obj.size for obj, _ in to_fetch)
         log.info(
-            "Sync s3://%s/%s -> %s: %d objects, %d unchanged, %d to download (%.1f MB), %d removed locally, "
+            "Sync s3://%s/%s -> %s: %s, %d unchanged, %d to download (%.1f MB), %d removed locally, "
             "%d transfers at once",
-            self.bucket, prefix, local_dir, len(wanted), result.unchanged, len(to_fetch), total_bytes / 1e6,
-            result.deleted, self.max_transfers,
+            self.bucket, prefix, local_dir, counted(len(wanted), "object"), result.unchanged, len(to_fetch),
+            total_bytes / 1e6, result.deleted, self.max_transfers,
         )
         progress = Progress(f"Downloading {prefix}", len(to_fetch), "files", total_bytes,
                             interval=progress_interval, logger=log)
@@ -567,4 +570,6 @@ def _log_skipped(skipped: list[tuple[str, str]], limit: int = 20) -> None:
     for key, reason in skipped[:limit]:
         log.warning("Skipping %s: %s", key, reason)
     if len(skipped) > limit:
-        log.warning("... and %d more objects skipped (all listed in the deployment record)", len(skipped) - limit)
+        # the deployment record keeps the exact count and the first cap_list() keys, not every key
+        log.warning("... and %s skipped (see the deployment record)",
+                    counted(len(skipped) - limit, "more object", "more objects"))

@@ -116,6 +116,9 @@ def test_normal_index_end_to_end_loads_like_the_service(env):
     skipped = {key for key, _ in facts["skipped_objects"]}
     assert skipped == {"images/normal/1/notes.txt", "images/normal/2/empty.jpg"}
     assert [key for key, _ in facts["unreadable_images"]] == ["images/normal/2/corrupt.jpg"]
+    assert (facts["num_skipped_objects"], facts["num_unreadable_images"]) == (2, 1)
+    assert "2 objects skipped (see skipped_objects), 1 image unreadable (see unreadable_images)" in row[
+        "result_message"], row["result_message"]
 
     events = asset_events("clip_index_normal")
     assert events and events[-1]["num_images"] == len(keys) and events[-1]["version"] == live_version(

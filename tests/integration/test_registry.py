@@ -217,3 +217,34 @@ def test_failure_callback_never_raises_when_the_database_is_down(monkeypatch, my
                                                  '"login": "root", "schema": "x"}')
     close_deployment_on_failure({"dag": SimpleNamespace(dag_id=NORMAL), "run_id": "r", "reason": "timed_out"})
     assert "the DAG's next run closes it" in caplog.text
+
+
+def test_listener_closes_rows_of_runs_an_operator_ended_and_leaves_the_rest(registry):
+    """The plugin's listener: runs marked failed/success through the UI or API; never the scheduler's own."""
+    from inspection_refresh import listeners
+
+    marked_failed, marked_success, task_failure, other_team = (f"manual__{uuid.uuid4()}" for _ in range(4))
+    for run_id in (marked_failed, marked_success, task_failure, other_team):
+        registry.start("clip_rebuild", NORMAL, run_id)
+    ours, theirs = SimpleNamespace(tags={"clip", "deployment"}), SimpleNamespace(tags={"etl"})
+
+    def dag_run(run_id: str, dag=ours) -> SimpleNamespace:
+        return SimpleNamespace(dag_id=NORMAL, run_id=run_id, dag=dag)
+
+    listeners.on_dag_run_failed(dag_run(marked_failed), "Dag Run's state was manually set to `failed`.")
+    listeners.on_dag_run_success(dag_run(marked_success), "Dag Run's state was manually set to `success`.")
+    listeners.on_dag_run_failed(dag_run(task_failure), "task_failure")  # the DAG's failure callback's job
+    listeners.on_dag_run_failed(dag_run(other_team, theirs), "Dag Run's state was manually set to `failed`.")
+    rows = {run_id: registry.find_run(NORMAL, run_id) for run_id in (marked_failed, marked_success, task_failure,
+                                                                       other_team)}
+    assert rows[marked_failed]["status"] == rows[marked_success]["status"] == "failed"
+    assert f"Airflow run {marked_failed} was marked failed through the Airflow UI or API" \
+        in rows[marked_failed]["result_message"]
+    assert f"Airflow run {marked_success} was marked success" in rows[marked_success]["result_message"]
+    assert rows[task_failure]["status"] == rows[other_team]["status"] == "running"
+
+
+def test_publishing_is_not_refused_outside_an_airflow_task():
+    from inspection_refresh.airflow_support import refuse_publishing_if_run_ended
+
+    refuse_publishing_if_run_ended(NORMAL, "manual__cli", "normal index version X")  # no error: nothing to ask

@@ -163,6 +163,9 @@ def _create_model(model_name: str, pretrained: str, device: str) -> Any:
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     log.info("loaded CLIP %s weights %s on %s", model_name, pretrained, device)
+    # open_clip has just logged the transform it builds (bicubic, resize_mode "shortest", centre crop);
+    # that transform is discarded, and a reader of the log must not take it for what the gallery gets.
+    log.info("CLIP preprocessing used (the service's, not open_clip's transform above): %s", describe_preprocessing())
     return model
 
 
@@ -213,6 +216,17 @@ def load_model(
 
 
 # ------------------------------------------------------------------- preprocessing
+
+
+def describe_preprocessing() -> str:
+    """What :func:`preprocess_image` does, in one line, from the constants it uses (for logs)."""
+    from inspection_refresh.clip.weights import PREPROCESS_VERSION
+
+    width, height = IMAGE_SIZE
+    mean = ", ".join(f"{v:.4f}" for v in CLIP_MEAN)
+    std = ", ".join(f"{v:.4f}" for v in CLIP_STD)
+    return (f"RGB, {width}x{height} bilinear squash (no crop, aspect ratio not kept), /255, "
+            f"CLIP mean ({mean}) / std ({std}), encode_image, L2-normalised float32 [{PREPROCESS_VERSION}]")
 
 
 def load_resized(path: str | os.PathLike[str]) -> "torch.Tensor":

@@ -15,10 +15,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from inspection_refresh.airflow_support import finished_run_state
+from inspection_refresh.airflow_support import finished_run_state, refuse_publishing_if_run_ended
 from inspection_refresh.config import Settings, get_settings
 from inspection_refresh.files import link_or_copy
 from inspection_refresh.images import parse_image_key, reject_reason
+from inspection_refresh.progress import counted
 from inspection_refresh.publish import Publisher, describe_pin, new_version_id
 from inspection_refresh.registry import DeploymentRegistry, RegistryError
 from inspection_refresh.storage import ObjectInfo, ObjectStorage, StorageError, plan_mirror, require_complete
@@ -130,7 +131,7 @@ def download(run: ClipRun) -> dict[str, Any]:
         # listing, so the next scheduled run rebuilds it instead of skipping.
         fingerprint = source_fingerprint(run.prefix, [obj for obj in candidates if obj.key in result.files])
         stage.facts = {  # recorded before the checks below, so a failed run's row names the missing images
-            **result.summary(),
+            **result.summary(),  # with num_skipped / num_failed: exact counts of the lists shortened below
             "bucket": storage.bucket,
             "source_fingerprint": fingerprint,
             "skipped": cap_list([list(s) for s in result.skipped]),
@@ -147,9 +148,9 @@ def download(run: ClipRun) -> dict[str, Any]:
                      for key, path in sorted(result.files.items())]
         write_json(run.work_dir / "inventory.json", {"storage_urls": {
             key: storage.storage_url(key) for key in result.files}, "images": inventory})
-        log.info("Downloaded %d images under %s (%d new, %d unchanged, %d skipped, %d missing)",
-                 len(result.files), run.prefix, result.downloaded, result.unchanged,
-                 len(result.skipped), len(missing))
+        log.info("Downloaded %s under %s (%d new, %d unchanged, %s skipped, %d missing)",
+                 counted(len(result.files), "image"), run.prefix, result.downloaded, result.unchanged,
+                 counted(len(result.skipped), "object"), len(missing))
         return {"images": len(inventory), "source_fingerprint": fingerprint,
                 "downloaded": result.downloaded, "unchanged": result.unchanged,
                 "skipped": len(result.skipped), "missing": len(missing)}
@@ -210,12 +211,14 @@ def embed(run: ClipRun) -> dict[str, Any]:
         write_json(run.work_dir / "rows.json", [int(i) for i in result.ok_indices])
         stage.facts = {
             "images": len(result.ok_indices), "embedded": result.embedded, "cached": result.cached,
-            "unreadable": cap_list([list(f) for f in failures]), "embedding_dim": int(result.vectors.shape[1]),
+            "unreadable": cap_list([list(f) for f in failures]), "num_unreadable": len(failures),
+            "embedding_dim": int(result.vectors.shape[1]),
             "images_per_second": round(result.images_per_second, 2), "seconds": round(result.seconds, 2),
             "model_identity": model.identity, "random_weights": is_random_checkpoint(run.pretrained),
         }
-        log.info("Embedded %d images (%d computed, %d from cache, %d unreadable) in %.1fs",
-                 len(result.ok_indices), result.embedded, result.cached, len(failures), result.seconds)
+        log.info("Embedded %s (%d computed, %d from cache, %d unreadable) in %.1fs",
+                 counted(len(result.ok_indices), "image"), result.embedded, result.cached, len(failures),
+                 result.seconds)
         return {key: stage.facts[key] for key in ("images", "embedded", "cached", "embedding_dim")} | {
             "unreadable": len(failures)}
 
@@ -279,6 +282,7 @@ def index_save(run: ClipRun) -> dict[str, Any]:
                 },
             )
             verified = verify_index(staging)
+            refuse_publishing_if_run_ended(run.dag_id, run.run_id, f"{run.index_type} index version {version}")
             # A manual run replaces a rollback's pin; a scheduled one never publishes over it.
             release = publisher.publish(run.index_type, staging, version, unpin=not run.scheduled)
         except BaseException:
@@ -307,6 +311,25 @@ def _metadata_record(row: int, key: str, local_path: str, storage_url: str, prod
         "image_type": parsed.image_type,
         "file_name": parsed.file_name,
     }
+
+
+def published_message(result_data: dict[str, Any]) -> str:
+    """A published run's ``deployment_logs`` message, from its own ``result_data``.
+
+    Every count it states is a ``num_*`` entry of ``result_data``, named after the list
+    it counts, so the message and the lists a reader opens agree.
+    """
+    notes = [f"{result_data['embedded']} embedded", f"{result_data['cached']} cached"]
+    if result_data["num_skipped_objects"]:
+        notes.append(f"{counted(result_data['num_skipped_objects'], 'object')} skipped (see skipped_objects)")
+    if result_data["num_unreadable_images"]:
+        notes.append(f"{counted(result_data['num_unreadable_images'], 'image')} unreadable "
+                     "(see unreadable_images)")
+    if result_data["num_missing_images"]:
+        notes.append(f"{result_data['num_missing_images']} MISSING (could not be downloaded; see missing_images)")
+    return (f"{result_data['index_type']} index version {result_data['version']} published: "
+            f"{counted(result_data['num_images'], 'image')} ({', '.join(notes)}), dim {result_data['embedding_dim']}"
+            f"{' — RANDOM weights (demo/test only)' if result_data['random_weights'] else ''}")
 
 
 def register(run: ClipRun) -> dict[str, Any]:
@@ -338,9 +361,13 @@ def register(run: ClipRun) -> dict[str, Any]:
         "cached": embedded.get("cached"),
         "downloaded": downloaded.get("downloaded"),
         "mb_downloaded": downloaded.get("mb_downloaded"),
+        # Each list may be shortened by cap_list; its count beside it is exact and is what the message says.
         "skipped_objects": downloaded.get("skipped", []),
+        "num_skipped_objects": downloaded.get("num_skipped", len(downloaded.get("skipped", []))),
         "missing_images": downloaded.get("missing_images", []),
+        "num_missing_images": downloaded.get("num_missing", 0),
         "unreadable_images": embedded.get("unreadable", []),
+        "num_unreadable_images": embedded.get("num_unreadable", len(embedded.get("unreadable", []))),
         "version": saved.get("version"),
         "unchanged": bool(saved.get("unchanged")),
         "index_path": saved.get("path"),
@@ -359,14 +386,7 @@ def register(run: ClipRun) -> dict[str, Any]:
                 f"{saved['count']} images and model as its build, so nothing was published")
     else:
         status = "completed"
-        skipped = len(downloaded.get("skipped", [])) + len(embedded.get("unreadable", []))
-        missing = downloaded.get("num_missing", 0)
-        text = (f"{run.index_type} index version {saved['version']} published: {saved['count']} images "
-                f"({embedded.get('embedded')} embedded, {embedded.get('cached')} cached"
-                f"{f', {skipped} objects skipped' if skipped else ''}"
-                f"{f', {missing} MISSING (could not be downloaded; see missing_images)' if missing else ''}"
-                f"), dim {saved['dim']}"
-                f"{' — RANDOM weights (demo/test only)' if embedded.get('random_weights') else ''}")
+        text = published_message(result_data)
     deploy_id = registry.finish(DEPLOY_TYPE, run.dag_id, run.run_id, status=status, message=text,
                                 result_data=result_data, deployed_by=run.deployed_by)
     if status == "completed":

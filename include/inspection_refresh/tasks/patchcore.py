@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inspection_refresh.airflow_support import PermanentError, finished_run_state
+from inspection_refresh.airflow_support import PermanentError, finished_run_state, refuse_publishing_if_run_ended
 from inspection_refresh.config import Settings, get_settings
 from inspection_refresh.files import copy_tree_linked
 from inspection_refresh.images import DEFECT_PREFIX, NORMAL_PREFIX, reject_reason
@@ -289,7 +289,7 @@ def prepare_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, str
         defect_dirs = sorted({str(path.parent) for path in defects.files.values()})
         staging = run.publisher.stage(code)
         stage.facts = {"images": len(normal.files), "defect_images": len(defects.files),
-                       "skipped": cap_list([list(s) for s in normal.skipped]),
+                       "skipped": cap_list([list(s) for s in normal.skipped]), "num_skipped": len(normal.skipped),
                        "staging": str(staging)}
         log.info("Product %s: %d normal images (%d downloaded, %d unchanged), %d labelled defect images",
                  code, len(normal.files), normal.downloaded, normal.unchanged, len(defects.files))
@@ -332,6 +332,7 @@ def publish_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any
             facts = validate_bank(staging, run.expected_config())
             copy_tree_linked(run.settings.cache_root / PIPELINE / code / "ok", staging / "ok",
                              ignore=shutil.ignore_patterns(SYNC_STATE_FILE))
+            refuse_publishing_if_run_ended(run.dag_id, run.run_id, f"the bank of {code}")
             # A manual run replaces a rollback's pin; a scheduled one never publishes over it.
             release = run.publisher.publish(code, staging, unpin=not run.scheduled)
         except BaseException:

@@ -172,6 +172,23 @@ def test_lazy_model_is_not_loaded_when_everything_is_cached(clip_checkpoint, cli
     assert more.embedded == 1 and lazy.loaded
 
 
+def test_the_log_states_the_preprocessing_used_after_open_clips_own(clip_checkpoint, caplog):
+    """open_clip logs the transform it builds (bicubic, shortest side); the next line must say what is used."""
+    import logging
+
+    from inspection_refresh.clip.embed import load_model
+
+    with caplog.at_level(logging.INFO):
+        load_model("ViT-B-32", str(clip_checkpoint), device="cpu")
+    messages = [r.getMessage() for r in caplog.records]
+    open_clips = next(i for i, m in enumerate(messages) if "preprocessing configuration" in m)
+    assert "bicubic" in messages[open_clips] and "shortest" in messages[open_clips]
+    ours = next(i for i, m in enumerate(messages) if m.startswith("CLIP preprocessing used"))
+    assert ours > open_clips
+    assert ("RGB, 224x224 bilinear squash" in messages[ours] and "CLIP mean (0.4815, 0.4578, 0.4082)" in messages[ours]
+            and "L2-normalised" in messages[ours])
+
+
 def test_first_batch_is_small_and_batches_cover_everything():
     assert embed._batches(0, 32) == []
     assert [len(b) for b in embed._batches(100, 32)] == [8, 32, 32, 28]

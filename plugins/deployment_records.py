@@ -1,0 +1,14 @@
+"""Registers ``inspection_refresh.listeners``: a run an operator marks failed or success closes its
+``deployment_logs`` row. Must be in the plugins folder of the API server (where Airflow calls the
+listener for runs marked through the UI or REST API); the logic lives in the library."""
+
+from __future__ import annotations
+
+from airflow.plugins_manager import AirflowPlugin
+
+from inspection_refresh import listeners as deployment_record_listener
+
+
+class DeploymentRecordsPlugin(AirflowPlugin):
+    name = "inspection_refresh_deployment_records"
+    listeners = [deployment_record_listener]

@@ -1,0 +1,363 @@
+"""The live index and ``deployment_logs`` stay true under a REAL Airflow when a task's process is
+killed, and when an operator marks a run failed.
+
+The other DAG tests run ``dag.test()`` in the test process. Here Airflow runs as in production:
+``airflow api-server``, ``airflow scheduler`` (LocalExecutor, parallelism 2) and ``airflow
+dag-processor`` as separate processes on a SQLite metadata DB in a temporary AIRFLOW_HOME, with this
+repository's dags/ and plugins/, the same ``AIRFLOW_CONN_*`` connections as the other tests, and
+runs triggered and marked failed through the REST API, as the UI does. The Task SDK supervisor
+(one per task instance, in a LocalExecutor worker) forks a child that runs the task and titles
+itself ``airflow worker -- <task instance id>``: that child is what a crash or the OOM killer
+takes, and what these tests ``kill -9``.
+
+The whole module takes about 2 minutes on the 2-core development machine (1m50s-2m30s measured):
+50-70 s to migrate and start Airflow and publish a first version, then 10-25 s per scenario (5 DAG
+runs in all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from tests.samples import sample_jpeg
+
+pytestmark = [pytest.mark.slow, pytest.mark.scheduler]
+
+DAG_ID = "clip_index_normal"
+INDEX_TYPE = "normal"
+AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+RUN_TIMEOUT_S = 240
+T = TypeVar("T")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
+    """Poll ``condition`` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@dataclass
+class RealAirflow:
+    """API server, scheduler and DAG processor of one AIRFLOW_HOME, driven through the REST API."""
+
+    home: Path
+    env: dict[str, str]
+    port: int
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    token: str = ""
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def cli(self, *args: str) -> None:
+        subprocess.run([AIRFLOW, *args], env=self.env, check=True, capture_output=True, timeout=300)
+
+    def start(self) -> None:
+        self.cli("db", "migrate")
+        self.cli("pools", "set", self.env["INSPECTION_TRANSFER_POOL"], self.env["INSPECTION_MAX_TRANSFERS"],
+                 "Object-storage downloads")
+        commands = {"api-server": ["api-server", "--port", str(self.port), "--workers", "1"],
+                    "scheduler": ["scheduler"], "dag-processor": ["dag-processor"]}
+        for name, args in commands.items():
+            with open(self.home / f"{name}.log", "wb") as log:
+                # Own session: teardown signals each component with everything it started.
+                self.processes[name] = subprocess.Popen([AIRFLOW, *args], env=self.env, stdout=log,
+                                                        stderr=subprocess.STDOUT, start_new_session=True)
+        wait_until(self._api_answers, 120, f"the API server on {self.url} ({self.home / 'api-server.log'})", 1)
+        self.token = self.api("GET", "/auth/token")["access_token"]
+        wait_until(lambda: self.api("GET", f"/api/v2/dags/{DAG_ID}", missing_ok=True), 180,
+                   f"the DAG processor to parse {DAG_ID} ({self.home / 'dag-processor.log'})", 1)
+        self.api("PATCH", f"/api/v2/dags/{DAG_ID}", json={"is_paused": False})
+
+    def _api_answers(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"{self.url}/api/v2/version", timeout=2).status_code < 500
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        import psutil
+
+        family = []
+        for process in self.processes.values():
+            with suppress(psutil.NoSuchProcess):
+                component = psutil.Process(process.pid)
+                family += [component, *component.children(recursive=True)]
+            with suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        _, alive = psutil.wait_procs(family, timeout=20)
+        for process in alive:  # task children have process groups of their own
+            with suppress(psutil.NoSuchProcess):
+                process.kill()
+        for process in self.processes.values():
+            process.wait(10)
+
+    def api(self, method: str, path: str, *, missing_ok: bool = False, **kwargs: Any) -> Any:
+        import httpx
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        response = httpx.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
+        if missing_ok and response.status_code == 404:
+            return None
+        assert response.status_code < 300, f"{method} {path}: {response.status_code} {response.text}"
+        return response.json()
+
+    def trigger(self) -> str:
+        return self.api("POST", f"/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None})["dag_run_id"]
+
+    def run_state(self, run_id: str) -> str:
+        return self.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")["state"]
+
+    def task_instances(self, run_id: str) -> dict[str, dict[str, Any]]:
+        listing = self.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
+        return {ti["task_id"]: ti for ti in listing["task_instances"]}
+
+    def wait_for_end(self, run_id: str) -> str:
+        return wait_until(lambda: (state := self.run_state(run_id)) in ("success", "failed") and state,
+                          RUN_TIMEOUT_S, f"run {run_id} to end ({self.home}/*.log)")
+
+    def running_task_process(self, run_id: str, task_id: str):
+        """The process running ``task_id`` of the run, as soon as it exists."""
+        def find():
+            ti = self.task_instances(run_id).get(task_id, {})
+            return ti.get("state") == "running" and task_process(ti["id"])
+        return wait_until(find, RUN_TIMEOUT_S, f"{task_id} of {run_id} to run", 0.1)
+
+
+def task_process(ti_id: str):
+    """The Task SDK's task child (not its supervisor, titled ``... LocalExecutor: <id>``), or None."""
+    import psutil
+
+    title = f"airflow worker -- {ti_id}"
+    for process in psutil.process_iter(["cmdline"]):
+        if " ".join(process.info["cmdline"] or ()).strip() == title:
+            return process
+    return None
+
+
+def has_loaded_torch(pid: int) -> bool:
+    """True once the task imported torch: ``embed`` imports it in its body, not at DAG parse."""
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def has_ended(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@dataclass
+class Deployment:
+    """The module's bucket and published index, as the Airflow processes see them."""
+
+    airflow: RealAirflow
+    storage: Any
+    index_root: Path
+
+    @property
+    def releases(self) -> Path:
+        return self.index_root.with_name(self.index_root.name + ".releases") / INDEX_TYPE
+
+    def live_version(self) -> str | None:
+        """The live version, checked whole: the manifest behind the link names the same version."""
+        link = self.index_root / INDEX_TYPE
+        if not link.is_symlink():
+            return None
+        version = Path(os.readlink(link)).name
+        assert json.loads((link / "manifest.json").read_text())["version"] == version
+        return version
+
+    def staging_dirs(self) -> list[str]:
+        try:
+            return [entry.name for entry in os.scandir(self.releases) if entry.name.startswith(".staging-")]
+        except FileNotFoundError:
+            return []
+
+    def add_image(self, seed: int) -> None:
+        """One more image, so the next run really rebuilds."""
+        self.storage.client.put_object(Bucket=self.storage.bucket, Key=f"images/normal/1/BRKT01_OK_{seed:04d}.jpg",
+                                       Body=sample_jpeg(0, seed, size=(160, 120)))
+
+    def image_count(self) -> int:
+        return sum(1 for _ in self.storage.list_objects("images/normal/"))
+
+    def row(self, run_id: str) -> dict[str, Any] | None:
+        from inspection_refresh.registry import DeploymentRegistry
+
+        return DeploymentRegistry().find_run(DAG_ID, run_id)
+
+    def watch_until_end(self, run_id: str) -> tuple[str, set[str | None]]:
+        """The run's final state and every version seen live meanwhile (each one whole)."""
+        seen = {self.live_version()}
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while (state := self.airflow.run_state(run_id)) not in ("success", "failed"):
+            assert time.monotonic() < deadline, f"run {run_id} still {state} after {RUN_TIMEOUT_S}s"
+            seen.add(self.live_version())
+            time.sleep(0.2)
+        seen.add(self.live_version())
+        return state, seen
+
+    def assert_outcome_is_recorded_truly(self, run_id: str, state: str, before: str, seen: set) -> dict:
+        """Completed with the new version live, or failed with the old one live; never left running."""
+        row = self.row(run_id)
+        assert row is not None and row["status"] in ("completed", "failed"), row
+        live = self.live_version()
+        if row["status"] == "completed":
+            assert state == "success"
+            assert row["result_data"]["version"] == live != before, (row, live)
+            assert seen <= {before, live}, seen
+        else:
+            assert (live, seen) == (before, {before}), (row, live, seen)
+            assert "failed" in row["result_message"], row["result_message"]
+        assert not self.staging_dirs(), "a retry or the next run removes what a killed run left"
+        return row
+
+
+@pytest.fixture(scope="module")
+def deployment(s3_server, mysql_database, clip_checkpoint, tmp_path_factory) -> Iterator[Deployment]:
+    """A real Airflow over a fresh bucket and index root, and a first published version."""
+    from inspection_refresh.storage import ObjectStorage
+
+    home = tmp_path_factory.mktemp("real-airflow")
+    bucket = f"sched-{uuid.uuid4().hex[:10]}"
+    storage = ObjectStorage(bucket=bucket)
+    storage.client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "kr-standard"})
+    port = _free_port()
+    env = {
+        **os.environ,  # AIRFLOW_CONN_NCP_OBJECT_STORAGE / _DEPLOY_DB, dags and plugins folders, from conftest
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "2",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+        "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
+        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),  # not 8793: a demo Airflow may hold it
+        "INSPECTION_CLIP_SCHEDULE": "none",  # manual runs only: unpausing must not start a scheduled one
+        "INSPECTION_RETRY_DELAY_SECONDS": "2",
+        "INSPECTION_MAX_TRANSFERS": "4",
+        "INSPECTION_TRANSFER_POOL": "storage_transfers",
+        "INSPECTION_BUCKET": bucket,
+        "INSPECTION_INDEX_ROOT": str(home / "data" / "clip_index"),
+        "INSPECTION_CACHE_ROOT": str(home / "data" / "cache"),
+        "INSPECTION_CLIP_PRETRAINED": str(clip_checkpoint),
+    }
+    airflow = RealAirflow(home, env, port)
+    deployment = Deployment(airflow, storage, home / "data" / "clip_index")
+    for seed in range(6):
+        deployment.add_image(seed)
+    try:
+        airflow.start()
+        first = airflow.trigger()
+        assert airflow.wait_for_end(first) == "success", airflow.task_instances(first)
+        assert deployment.row(first)["status"] == "completed"
+        yield deployment
+    finally:
+        airflow.stop()
+
+
+def run_caught_in(deployment: Deployment, task_id: str, image_seed: int) -> tuple[str, str, Any]:
+    """Add an image, trigger a run and wait until ``task_id`` (embed or index_save) is doing its real work.
+
+    Returns (the version live before, the run id, the task's process). ``embed`` is caught once it has
+    loaded torch; ``index_save`` while its staging version exists (torch and faiss are imported then,
+    which keeps it there for a second or more before the atomic rename).
+    """
+    airflow = deployment.airflow
+    before = deployment.live_version()
+    deployment.add_image(image_seed)
+    run_id = airflow.trigger()
+    process = airflow.running_task_process(run_id, task_id)
+    if task_id == "embed":
+        wait_until(lambda: has_loaded_torch(process.pid), 60, "embed to start embedding", 0.05)
+    else:
+        wait_until(lambda: deployment.staging_dirs() or has_ended(process), 60, f"{task_id} to stage", 0.002)
+        assert deployment.staging_dirs(), f"{task_id} ended before it could be caught writing its staging version"
+    return before, run_id, process
+
+
+@pytest.mark.parametrize("task_id, image_seed", [("embed", 101), ("index_save", 102)])
+def test_a_killed_task_process_leaves_the_old_version_live_and_the_record_true(deployment, task_id, image_seed):
+    """kill -9 of the task process while embedding, or mid-way through writing the staging version."""
+    airflow = deployment.airflow
+    before, run_id, process = run_caught_in(deployment, task_id, image_seed)
+    os.kill(process.pid, signal.SIGKILL)
+    assert deployment.live_version() == before
+
+    state, seen = deployment.watch_until_end(run_id)
+    row = deployment.assert_outcome_is_recorded_truly(run_id, state, before, seen)
+    if state == "success":
+        assert airflow.task_instances(run_id)[task_id]["try_number"] == 2  # Airflow retried the killed try
+        assert row["result_data"]["num_images"] == deployment.image_count()
+
+
+def mark_failed_and_check_the_record(deployment: Deployment, run_id: str, process, before: str) -> dict:
+    """Mark the run failed as the UI's "Mark as failed" does; the row must be closed, nothing published."""
+    airflow = deployment.airflow
+    assert deployment.row(run_id)["status"] == "running"
+    # Airflow calls no DAG failure callback for this; the listener in plugins/, run by the API server, does.
+    airflow.api("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", json={"state": "failed"})
+    row = wait_until(lambda: (r := deployment.row(run_id))["status"] != "running" and r, 60,
+                     "the deployment row to be closed")
+    assert row["status"] == "failed" and row["completed_at"], row
+    assert f"Airflow run {run_id} was marked failed through the Airflow UI or API" in row["result_message"]
+
+    # The supervisor stops the task at its next heartbeat (SIGTERM, then SIGKILL 5 s later) unless it ends first.
+    wait_until(lambda: has_ended(process), 30, "the marked run's task process to end")
+    assert airflow.run_state(run_id) == "failed"
+    assert deployment.live_version() == before and not deployment.staging_dirs()
+    assert deployment.row(run_id)["status"] == "failed"
+    return {task_id: ti["state"] for task_id, ti in airflow.task_instances(run_id).items()}
+
+
+def test_run_marked_failed_during_embed_closes_its_record(deployment):
+    before, run_id, process = run_caught_in(deployment, "embed", 103)
+    states = mark_failed_and_check_the_record(deployment, run_id, process, before)
+    assert (states["embed"], states["index_save"], states["register"]) == ("failed", "skipped", "skipped"), states
+
+
+def test_run_marked_failed_while_index_save_writes_publishes_nothing(deployment):
+    """index_save outlives the mark by up to ~10 s (heartbeat, then an ignored SIGTERM): it must not publish."""
+    airflow = deployment.airflow
+    before, run_id, process = run_caught_in(deployment, "index_save", 104)
+    states = mark_failed_and_check_the_record(deployment, run_id, process, before)
+    assert (states["index_save"], states["register"]) == ("failed", "skipped"), states
+    task_log = airflow.home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / "task_id=index_save" / "attempt=1.log"
+    wait_until(lambda: task_log.exists() and "is not published, the live version stays" in task_log.read_text(),
+               30, f"index_save's refusal in {task_log}")
