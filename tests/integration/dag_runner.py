@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -18,7 +19,8 @@ class DagRunResult:
     """``task_id[map_index]`` -> the label the UI shows for that mapped task instance."""
 
 
-def run_dag(dag_id: str, conf: dict | None = None) -> DagRunResult:
+def run_dag(dag_id: str, conf: dict | None = None, logical_date: datetime | None = None) -> DagRunResult:
+    """Run ``dag_id`` once; runs of different DAGs at the same ``logical_date`` share one run id."""
     from airflow.dag_processing.dagbag import DagBag
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
@@ -26,7 +28,8 @@ def run_dag(dag_id: str, conf: dict | None = None) -> DagRunResult:
     bag = DagBag(dag_folder=str(REPO / "dags"))
     assert not bag.import_errors, bag.import_errors
     dag = bag.get_dag(dag_id)
-    dag_run = dag.test(run_conf=conf or {})
+    when = {"logical_date": logical_date, "run_after": logical_date} if logical_date else {}
+    dag_run = dag.test(run_conf=conf or {}, **when)
     with create_session() as session:
         tis = session.query(TaskInstance).filter(
             TaskInstance.dag_id == dag_id, TaskInstance.run_id == dag_run.run_id).all()

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import uuid
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,24 @@ def test_defect_index_records_defect_metadata(env):
     assert [(r["product_id"], r["defect_type_id"], r["defect_code"], r["image_type"]) for r in records] == [
         (1, 1, "D1", "defect"), (1, 2, "D2", "defect"), (1, 3, "D3", "defect")]
     assert records[0]["storage_url"].endswith("/images/defect/1_1/BRKT01_D1_000.jpg")
+
+
+def test_normal_and_defect_runs_with_one_run_id_keep_a_row_each(env):
+    """Both DAGs share a schedule, so their scheduled runs share a run id: each still gets its own true row."""
+    seed_normal(env["put"], per_product=2)
+    same_time = datetime(2026, 11, 27, 2, 0, tzinfo=timezone.utc)
+    normal = run_dag("clip_index_normal", logical_date=same_time)
+    defect = run_dag("clip_index_defect", {"prefix": "images/nothing-here/"}, logical_date=same_time)
+
+    assert normal.run_id == defect.run_id
+    assert (normal.state, defect.state) == ("success", "failed")
+    rows = env["sql"]("SELECT status, result_message, JSON_VALUE(result_data, '$.airflow_dag_id') AS dag_id "
+                      "FROM deployment_logs WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s "
+                      "ORDER BY deploy_id", (normal.run_id,))
+    assert [(r["dag_id"], r["status"]) for r in rows] == [("clip_index_normal", "completed"),
+                                                           ("clip_index_defect", "failed")]
+    assert rows[0]["result_message"].startswith("normal index version")
+    assert "defect index rebuild failed" in rows[1]["result_message"]
 
 
 def test_unchanged_images_skip_the_rebuild_visibly(env):
