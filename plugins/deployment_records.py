@@ -1,6 +1,7 @@
 """Registers ``inspection_refresh.listeners``: a run an operator marks failed or success closes its
-``deployment_logs`` row. Must be in the plugins folder of the API server (where Airflow calls the
-listener for runs marked through the UI or REST API); the logic lives in the library."""
+``deployment_logs`` row, and a run whose pools are missing fails as it starts. Must be in the plugins
+folder of the API server (where Airflow calls the listener for runs marked through the UI or REST API)
+and of the scheduler (which calls it when a run starts); the logic lives in the library."""
 
 from __future__ import annotations
 

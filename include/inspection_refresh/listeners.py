@@ -1,4 +1,5 @@
-"""Airflow listener: a run an operator marks failed (or success) closes its ``deployment_logs`` row.
+"""Airflow listeners: a run an operator marks failed (or success) closes its ``deployment_logs`` row;
+a run whose tasks need a pool that does not exist fails as it starts (see the last hook).
 
 Airflow calls a DAG's ``on_failure_callback`` only for runs the scheduler fails (a task failed,
 ``dagrun_timeout``, deadlock). A run marked failed or success in the UI or through the REST API
@@ -52,3 +53,54 @@ def on_dag_run_failed(dag_run: Any, msg: str) -> None:
 @hookimpl
 def on_dag_run_success(dag_run: Any, msg: str) -> None:
     close_deployment_of_run_set_by_operator(dag_run, "success", msg)
+
+
+@hookimpl
+def on_dag_run_running(dag_run: Any, msg: str) -> None:
+    fail_run_needing_missing_pools(dag_run, msg)
+
+
+def pool_create_command(pool: str) -> str:
+    """The ``airflow pools set`` command for one of this package's pools, with the size it needs."""
+    from inspection_refresh.config import get_settings
+
+    settings = get_settings()
+    sizes = {settings.transfer_pool: (settings.max_transfers, "Object-storage downloads"),
+             settings.patchcore_pool: (1, "Concurrent PatchCore bank builds")}
+    slots, description = sizes.get(pool, (1, pool))
+    return f'airflow pools set {pool} {slots} "{description}"'
+
+
+def fail_run_needing_missing_pools(dag_run: Any, msg: str) -> list[str]:
+    """Fail a starting run of this package's DAGs at once if a pool its tasks use does not exist.
+
+    Airflow never starts a task whose pool is missing: the run would wait until its
+    ``dagrun_timeout`` (hours) with every task "scheduled" and no error anywhere a task log shows.
+    Runs in the scheduler, which calls this hook while it moves the run to running, in its own
+    session: the run is set to failed there, with a note (shown on the run's page in the UI) that
+    gives the command to create each missing pool. Returns the missing pools.
+    """
+    dag = getattr(dag_run, "dag", None)
+    if msg != "started" or dag is None or DEPLOYMENT_TAG not in (getattr(dag, "tags", None) or ()):
+        return []
+    from sqlalchemy import select
+    from sqlalchemy.orm import object_session
+
+    from airflow.models.pool import Pool
+    from airflow.utils import timezone
+    from airflow.utils.state import DagRunState
+
+    session = object_session(dag_run)
+    if session is None:
+        return []
+    needed = {task.pool for task in dag.tasks if getattr(task, "pool", None)}
+    missing = sorted(needed - set(session.scalars(select(Pool.pool).where(Pool.pool.in_(needed)))))
+    if not missing:
+        return []
+    reason = (f"Not started: its tasks use pool(s) {', '.join(missing)}, which do not exist, so Airflow would never "
+              f"run them. Create them, then trigger again: {'; '.join(pool_create_command(p) for p in missing)}")
+    log.error("%s run %s: %s", dag_run.dag_id, dag_run.run_id, reason)
+    dag_run.state = DagRunState.FAILED
+    dag_run.end_date = timezone.utcnow()
+    dag_run.note = reason
+    return missing

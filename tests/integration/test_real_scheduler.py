@@ -361,3 +361,22 @@ def test_run_marked_failed_while_index_save_writes_publishes_nothing(deployment)
     task_log = airflow.home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / "task_id=index_save" / "attempt=1.log"
     wait_until(lambda: task_log.exists() and "is not published, the live version stays" in task_log.read_text(),
                30, f"index_save's refusal in {task_log}")
+
+
+def test_a_missing_pool_fails_the_run_at_once_with_the_command_that_creates_it(deployment):
+    airflow = deployment.airflow
+    pool = airflow.env["INSPECTION_TRANSFER_POOL"]
+    before = deployment.live_version()
+    airflow.cli("pools", "delete", pool)
+    try:
+        run_id = airflow.trigger()
+        state = wait_until(lambda: (s := airflow.run_state(run_id)) in ("success", "failed") and s, 60,
+                           "the run without its pool to end")
+        run = airflow.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
+    finally:
+        airflow.cli("pools", "set", pool, airflow.env["INSPECTION_MAX_TRANSFERS"], "Object-storage downloads")
+    assert state == "failed"
+    assert f"use pool(s) {pool}, which do not exist" in run["note"]
+    assert f'airflow pools set {pool} {airflow.env["INSPECTION_MAX_TRANSFERS"]} "Object-storage downloads"' in run["note"]
+    assert all(ti["state"] in (None, "none") for ti in airflow.task_instances(run_id).values())  # nothing ran
+    assert deployment.live_version() == before
