@@ -66,7 +66,7 @@ OLD_BUILD_BANK_DEFAULTS = {
     "coreset": "0.02",
     "pixel_pct": "0.995 (a quantile: the 99.5th percentile)",
     "image_pct": "0.995 (a quantile: the 99.5th percentile)",
-    "reservoir_max": "no bound (all patches in memory)",
+    "reservoir_max": "another value, held in memory (its default is not recorded in the service's documentation)",
 }
 """The service's old ``build_bank.py`` defaults where ours differ (``--help`` and the README show both)."""
 
@@ -98,7 +98,7 @@ class BuildOptions:
     coreset        0.05                   0.02
     pixel_pct      99.5 (= 0.995)         0.995 (quantile)
     image_pct      99.5 (= 0.995)         0.995 (quantile)
-    reservoir_max  200,000 patches        no bound
+    reservoir_max  200,000 patches        another value, in memory
     ============== ====================== ==========================
 
     ``coreset``: a ratio of patches in (0, 1] or an absolute count (> 1).
