@@ -25,7 +25,7 @@ from inspection_refresh.airflow_support import PermanentError, finished_run_stat
 from inspection_refresh.config import Settings, get_settings
 from inspection_refresh.files import copy_tree_linked
 from inspection_refresh.images import DEFECT_PREFIX, NORMAL_PREFIX, reject_reason
-from inspection_refresh.patchcore.options import BuildOptions
+from inspection_refresh.patchcore.options import LAYER_CHANNELS, BuildOptions
 from inspection_refresh.publish import Publisher, PublishError, check_name, describe_pin
 from inspection_refresh.registry import DeploymentRegistry, Product, RegistryError
 from inspection_refresh.storage import SYNC_STATE_FILE, ObjectStorage, require_complete
@@ -41,7 +41,8 @@ DEPLOY_TYPE = "patchcore_create"
 PIPELINE = "patchcore"
 BUNDLED_SCRIPT = Path(__file__).resolve().parents[1] / "build_patchcore.sh"
 SUMMARY_MARK = "PATCHCORE_SUMMARY "  # the builder's last stdout line, kept in the build log
-LAYERS = ("layer2", "layer3", "layer4")
+LAYERS = tuple(LAYER_CHANNELS)
+"""The ResNet-50 stages the service understands (one list, the builder's)."""
 BUILD_DEFAULTS = BuildOptions()
 """The builder's defaults, which the DAG's params and a run start from."""
 
