@@ -39,6 +39,23 @@ ensure_system_packages() {
   fi
 }
 
+# What only the test suite needs: Debian's chromium for the real-browser test (Playwright drives it; browser
+# downloads are not possible everywhere) and a Redis server for the CeleryExecutor test when none answers.
+ensure_test_packages() {
+  local wanted=(chromium) missing=() pkg
+  if ! port_open 127.0.0.1 6379 && ! command -v redis-server >/dev/null; then
+    wanted+=(redis-server)
+  fi
+  for pkg in "${wanted[@]}"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
+  done
+  if ((${#missing[@]})); then
+    say "Installing system packages for the tests: ${missing[*]}"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+}
+
 python_for_venv() {
   local candidate
   for candidate in python3.11 python3.12 python3; do

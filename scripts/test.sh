@@ -5,6 +5,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 ensure_system_packages
+ensure_test_packages
 ensure_venv
 ensure_mysql
 cd "$ROOT"
