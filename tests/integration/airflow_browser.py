@@ -1,0 +1,392 @@
+"""A real ``scripts/airflow-ui.sh`` with sign-in, and a signed-in headless Chromium, for the browser tests.
+
+:class:`AirflowUI` starts the script (``airflow standalone``) on free ports with its files in temporary
+directories, with ``AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=False`` and a known admin password,
+waits until the API server, scheduler and DAG processor are up and the DAGs are parsed, talks to the
+REST API with a token from ``POST /auth/token``, and stops everything the way a user does (SIGTERM to
+the script, whose ``stop_airflow`` ends standalone's whole session).
+
+:class:`BrowserUI` drives Playwright's page: :meth:`~BrowserUI.sign_in` on SimpleAuthManager's login
+page, :meth:`~BrowserUI.trigger_with_defaults` on a DAG page, :meth:`~BrowserUI.screenshot` of each
+step, :meth:`~BrowserUI.dump` of screenshot + HTML when something fails.
+
+How SimpleAuthManager signs people in (Airflow 3.x, ``airflow/api_fastapi/auth/managers/simple``):
+users and roles come from ``[core] simple_auth_manager_users`` (default ``admin:admin``); passwords from
+the JSON file ``[core] simple_auth_manager_passwords_file`` (default
+``$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated``). On start it only *adds* a generated
+password for a user the file lacks, so a file written beforehand with ``{"admin": "<password>"}`` fixes
+the password. The login page (``/auth/login?next=...``, "Sign into Airflow", fields Username and
+Password, button "Sign in") posts to ``POST /auth/token`` and stores the returned JWT in the ``_token``
+cookie, which the UI and its API calls then use. Scripts send the same JWT as
+``Authorization: Bearer <token>``: ``POST /auth/token`` with JSON ``{"username", "password"}``
+answers 201 ``{"access_token": ...}`` (``GET /auth/token`` works only with all-admins on).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import unquote
+
+import psutil
+import requests
+
+from tests.conftest import REPO
+
+T = TypeVar("T")
+
+ADMIN_USER = "admin"
+COMPONENTS = ("airflow scheduler", "airflow dag-processor", "api_server", "airflow triggerer", "LocalExecutor")
+"""Command-line fragments of the processes standalone runs once it is fully up."""
+START_TIMEOUT = 300.0
+"""Seeding the demo samples (~40 s) + migrating the metadata DB + standalone's start-up (30-60 s) on 2 busy cores."""
+STOP_TIMEOUT = 60.0
+"""The script's stop: SIGTERM, then SIGKILL after INSPECTION_STOP_GRACE_SECONDS (10 s); torch tasks may be running."""
+TERMINAL_RUN_STATES = {"success", "failed"}
+UI_STATE_LABELS = {"queued": "Queued", "running": "Running", "success": "Success", "failed": "Failed"}
+"""Dag-run states as the UI's English locale writes them (``common.json`` ``states``)."""
+
+
+def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 1.0) -> T:
+    """Poll ``condition`` until it returns something truthy, and return that."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def _session(leader: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getsid(process.pid) == leader and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (OSError, psutil.Error):
+            pass
+    return found
+
+
+def _port_answers(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+@dataclass
+class AirflowUI:
+    """``scripts/airflow-ui.sh`` started with ``env``; REST calls as the signed-in admin."""
+
+    env: dict[str, str]
+    password: str
+    log_path: Path
+    script: subprocess.Popen | None = None
+    leader: int = 0
+    processes: list[psutil.Process] = field(default_factory=list)
+    started_in: float = 0.0
+    _token: str = ""
+
+    @property
+    def port(self) -> int:
+        return int(self.env["AIRFLOW__API__PORT"])
+
+    @property
+    def base_url(self) -> str:
+        """What a person opens (the script's AIRFLOW__API__BASE_URL)."""
+        return f"http://localhost:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid_file(self) -> Path:
+        return Path(self.env["INSPECTION_STATE_DIR"]) / "airflow.pid"
+
+    @staticmethod
+    def write_password(airflow_home: Path, password: str, user: str = ADMIN_USER) -> Path:
+        """Fix the user's password: SimpleAuthManager keeps a password it finds in its file."""
+        airflow_home.mkdir(parents=True, exist_ok=True)
+        path = airflow_home / "simple_auth_manager_passwords.json.generated"
+        path.write_text(json.dumps({user: password}) + "\n")
+        return path
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    # ----------------------------------------------------------------------------------- start / stop
+    def start(self) -> None:
+        """Start the script and return once standalone's components run and the API answers."""
+        started = time.monotonic()
+        with open(self.log_path, "wb") as log:
+            self.script = subprocess.Popen(
+                ["bash", str(REPO / "scripts/airflow-ui.sh")], cwd=REPO, env=self.env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+            )
+
+        def components_up() -> bool:
+            assert self.script.poll() is None, f"airflow-ui.sh exited with {self.script.returncode}"
+            if not (self.pid_file.exists() and _port_answers(self.port)):
+                return False
+            self.leader = int(self.pid_file.read_text().split()[0])
+            running = " | ".join(_cmdline(p) for p in self._tree())
+            return all(component in running for component in COMPONENTS)
+
+        try:
+            wait_until(components_up, START_TIMEOUT, "Airflow standalone's components")
+        except AssertionError as error:
+            raise AssertionError(f"{error}; airflow-ui.sh's output ends:\n{self.log_tail()}") from None
+        self.started_in = time.monotonic() - started
+
+    def wait_ready(self, dag_ids: Iterable[str], timeout: float = START_TIMEOUT) -> None:
+        """The admin gets a token, the scheduler and DAG processor report healthy and every DAG is parsed."""
+        wanted = set(dag_ids)
+
+        def ready() -> bool:
+            assert self.script is not None and self.script.poll() is None, (
+                f"airflow-ui.sh exited:\n{self.log_tail()}")
+            try:
+                health = requests.get(f"{self.api_url}/api/v2/monitor/health", timeout=10).json()
+                if any((health.get(part) or {}).get("status") != "healthy"
+                       for part in ("metadatabase", "scheduler", "dag_processor")):
+                    return False
+                dags = self.api("GET", "/api/v2/dags", params={"limit": 100})["dags"]
+            except (requests.RequestException, ValueError):
+                return False
+            return wanted <= {dag["dag_id"] for dag in dags}
+
+        wait_until(ready, timeout, f"a healthy Airflow with DAGs {sorted(wanted)}", interval=2.0)
+
+    def _tree(self) -> list[psutil.Process]:
+        if self.script is None:
+            return []
+        try:
+            root = psutil.Process(self.script.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def stop(self) -> tuple[list[psutil.Process], float]:
+        """SIGTERM to the script as a user's ``kill``; return what is still alive after STOP_TIMEOUT, and the time."""
+        if self.script is None:
+            return [], 0.0
+        seen = {p.pid: p for p in [*self.processes, *self._tree(), *(_session(self.leader) if self.leader else [])]}
+        stopping = time.monotonic()
+        if self.script.poll() is None:
+            self.script.send_signal(signal.SIGTERM)
+            try:
+                self.script.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+        deadline = stopping + STOP_TIMEOUT
+        while True:
+            left = {p.pid: p for p in seen.values() if _alive(p)}
+            if self.leader:
+                left.update({p.pid: p for p in _session(self.leader)})
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        return list(left.values()), time.monotonic() - stopping
+
+    def force_clean_up(self) -> None:
+        """After a failure: leave nothing running (the script, then the pid file's session)."""
+        if self.script is not None and self.script.poll() is None:
+            self.script.kill()
+            self.script.wait(10)
+        subprocess.run([sys.executable, "-m", "inspection_refresh.dev.process_tree", "stop", "--pid-file",
+                        str(self.pid_file), "--grace", "5"], check=False, timeout=60, capture_output=True)
+
+    # ---------------------------------------------------------------------------------------- REST API
+    def token(self, refresh: bool = False) -> str:
+        """A JWT for the admin: ``POST /auth/token`` with the user name and password."""
+        if refresh or not self._token:
+            response = requests.post(f"{self.api_url}/auth/token", timeout=30,
+                                     json={"username": ADMIN_USER, "password": self.password})
+            assert response.status_code == 201, f"POST /auth/token: {response.status_code} {response.text}"
+            self._token = response.json()["access_token"]
+        return self._token
+
+    def api(self, method: str, path: str, **kwargs: Any) -> Any:
+        response = requests.request(method, f"{self.api_url}{path}", timeout=30,
+                                    headers={"Authorization": f"Bearer {self.token()}"}, **kwargs)
+        if response.status_code == 401:  # expired token: once more with a fresh one
+            response = requests.request(method, f"{self.api_url}{path}", timeout=30,
+                                        headers={"Authorization": f"Bearer {self.token(refresh=True)}"}, **kwargs)
+        assert response.ok, f"{method} {path}: {response.status_code} {response.text[:500]}"
+        return response.json() if response.content else None
+
+    def dag_run(self, dag_id: str, run_id: str) -> dict:
+        return self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{requests.utils.quote(run_id, safe='')}")
+
+    def wait_for_run_state(self, dag_id: str, run_id: str, states: Iterable[str], timeout: float = 180.0) -> str:
+        """Wait until the run is in one of ``states`` and return it; fail at once on another final state."""
+        wanted = set(states)
+
+        def reached() -> str | None:
+            state = self.dag_run(dag_id, run_id)["state"]
+            if state in wanted:
+                return state
+            assert state not in TERMINAL_RUN_STATES, f"{dag_id} run {run_id} ended {state}, wanted {sorted(wanted)}"
+            return None
+
+        return wait_until(reached, timeout, f"{dag_id} run {run_id} in {sorted(wanted)}")
+
+    def set_paused(self, dag_id: str, paused: bool) -> None:
+        self.api("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": paused})
+
+
+class BrowserUI:
+    """The signed-in Playwright page, with a screenshot per step in ``shots``."""
+
+    def __init__(self, page: Any, airflow: AirflowUI, shots: Path, copy_to: Path | None = None) -> None:
+        self.page = page
+        self.airflow = airflow
+        self.shots = shots
+        self.copy_to = copy_to
+        self._count = 0
+        shots.mkdir(parents=True, exist_ok=True)
+        if copy_to is not None:
+            copy_to.mkdir(parents=True, exist_ok=True)
+
+    def screenshot(self, name: str, full_page: bool = True) -> Path:
+        """Save ``NN-name.png`` in ``shots`` (and a copy in ``copy_to``); return its path."""
+        self._count += 1
+        path = self.shots / f"{self._count:02d}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}.png"
+        self.page.screenshot(path=str(path), full_page=full_page)
+        if self.copy_to is not None:
+            shutil.copy2(path, self.copy_to / path.name)
+        return path
+
+    def dump(self, name: str) -> None:
+        """For debugging a failure: screenshot, page HTML and the script's log, never raising."""
+        for target in filter(None, (self.shots, self.copy_to)):
+            try:
+                stem = target / f"FAILED-{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}"
+                self.page.screenshot(path=f"{stem}.png", full_page=True)
+                Path(f"{stem}.html").write_text(self.page.content())
+                Path(f"{stem}.url").write_text(self.page.url + "\n")
+                shutil.copy2(self.airflow.log_path, target / "airflow-ui.log")
+            except Exception as error:  # noqa: BLE001 - best effort while reporting another failure
+                print(f"could not save the failure artefacts in {target}: {error!r}")
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """A step: on any exception save screenshot + HTML named after it, then re-raise."""
+        try:
+            yield
+        except BaseException:
+            self.dump(name)
+            raise
+
+    # ------------------------------------------------------------------------------------------ pages
+    def sign_in(self, user: str = ADMIN_USER, password: str | None = None) -> None:
+        """Open the UI, land on SimpleAuthManager's login page, sign in, and see the Airflow home page."""
+        from playwright.sync_api import expect
+
+        page = self.page
+        with self.step("sign-in"):
+            page.goto(f"{self.airflow.base_url}/")
+            expect(page.get_by_text("Sign into Airflow")).to_be_visible()
+            assert "/auth/login" in page.url, page.url
+            page.get_by_label("Username").fill(user)
+            page.get_by_label("Password").fill(password if password is not None else self.airflow.password)
+            self.screenshot("login-page")
+            page.get_by_role("button", name="Sign in").click()
+            page.wait_for_url(lambda url: "/auth/" not in url)
+            # the main UI's navigation (the link to the DAG list) shows it is signed in
+            expect(page.get_by_role("link", name=re.compile(r"^Dags$", re.I)).first).to_be_visible()
+            assert any(c["name"] == "_token" for c in page.context.cookies()), "no _token cookie after sign-in"
+            self.screenshot("signed-in-home")
+
+    def open_dag(self, dag_id: str) -> None:
+        from playwright.sync_api import expect
+
+        self.page.goto(f"{self.airflow.base_url}/dags/{dag_id}")
+        expect(self.page.get_by_role("button", name="Trigger Dag")).to_be_visible()
+        expect(self.page.get_by_text(dag_id).first).to_be_visible()
+
+    def trigger_with_defaults(self, dag_id: str) -> str:
+        """On the DAG page: Trigger, submit the form as it opens, return the run id the UI then shows."""
+        from playwright.sync_api import expect
+
+        page = self.page
+        with self.step(f"trigger-{dag_id}"):
+            self.open_dag(dag_id)
+            self.screenshot(f"{dag_id}-dag-page")
+            page.get_by_role("button", name="Trigger Dag").click()
+            dialog = page.get_by_role("dialog")
+            expect(dialog.get_by_text("Trigger Dag").first).to_be_visible()
+            submit = dialog.get_by_role("button", name="Trigger", exact=True)
+            # enabled once the DAG's params are loaded and valid
+            expect(submit).to_be_enabled()
+            self.screenshot(f"{dag_id}-trigger-form")
+            submit.click()
+            # on success the UI shows "Dag Run Triggered" and moves to the new run's page
+            pattern = re.compile(rf"/dags/{re.escape(dag_id)}/runs/([^/?#]+)")
+            page.wait_for_url(pattern)
+            run_id = unquote(pattern.search(page.url).group(1))
+            self.screenshot(f"{dag_id}-run-page")
+        return run_id
+
+    def run_header(self, run_id: str) -> Any:
+        """The run page's header card (title = run id, state badge, Logical Date, Triggering User...)."""
+        return self.page.get_by_test_id("header-card").filter(has_text=run_id)
+
+    def see_run_state(self, dag_id: str, run_id: str, states: Iterable[str], live_seconds: float = 30.0) -> str:
+        """The run's page shows one of ``states`` in its header badge; return the label seen.
+
+        The page refreshes an active run by itself; if the badge has not caught up after ``live_seconds``
+        the page is reloaded once (the REST API already said where the run is).
+        """
+        from playwright.sync_api import Error as PlaywrightError, expect
+
+        labels = "|".join(UI_STATE_LABELS[state] for state in states)
+        url = f"{self.airflow.base_url}/dags/{dag_id}/runs/{requests.utils.quote(run_id, safe='')}"
+        with self.step(f"state-{dag_id}"):
+            if f"/dags/{dag_id}/runs/" not in self.page.url:
+                self.page.goto(url)
+            badge = self.run_header(run_id).get_by_text(re.compile(rf"^\s*({labels})\s*$")).first
+            try:
+                expect(badge).to_be_visible(timeout=live_seconds * 1000)
+            except (AssertionError, PlaywrightError):
+                print(f"{dag_id}: the run page did not show {labels} by itself in {live_seconds:.0f}s; reloading it")
+                self.page.reload()
+                expect(badge).to_be_visible()
+            seen = badge.inner_text().strip()
+            self.screenshot(f"{dag_id}-run-{seen.lower()}")
+        return seen
