@@ -347,6 +347,55 @@ class DeploymentRegistry:
         )
         return [_decode(row) for row in rows]
 
+    def history_page(self, *, limit: int = 50, offset: int = 0, deploy_type: str | None = None,
+                     status: str | None = None, dag_ids: list[str] | None = None) -> tuple[list[dict[str, Any]], int]:
+        """One page of rows, newest first, and how many rows match in all (read only).
+
+        ``deploy_type`` and ``status`` narrow the rows to equal values; ``dag_ids`` (if not None) to
+        rows whose ``result_data.airflow_dag_id`` is one of them (an empty list matches nothing).
+        """
+        conditions, params = [], []
+        if deploy_type:
+            conditions.append("deploy_type = %s")
+            params.append(deploy_type)
+        if status:
+            conditions.append("status = %s")
+            params.append(status)
+        if dag_ids is not None:
+            if not dag_ids:
+                return [], 0
+            conditions.append("JSON_UNQUOTE(JSON_EXTRACT(result_data, '$.airflow_dag_id')) IN ("
+                              + ", ".join(["%s"] * len(dag_ids)) + ")")
+            params.extend(dag_ids)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
+        with self._connection() as conn:
+            total = self._run(conn, f"SELECT COUNT(*) AS total FROM deployment_logs {where}", tuple(params)).rows
+            rows = self._run(conn, f"SELECT * FROM deployment_logs {where} ORDER BY deploy_id DESC LIMIT %s OFFSET %s",
+                             (*params, max(0, int(limit)), max(0, int(offset)))).rows
+        return [_decode(row) for row in rows], int(total[0]["total"])
+
+    def deploy_types(self) -> list[str]:
+        """The ``deploy_type`` values present in the table, sorted (read only)."""
+        rows = self._execute("SELECT DISTINCT deploy_type FROM deployment_logs ORDER BY deploy_type", fetch=True)
+        return [str(row["deploy_type"]) for row in rows]
+
+    def find_by_result_values(self, lookups: list[tuple[str, dict[str, str]]]) -> list[dict[str, Any] | None]:
+        """For each ``(deploy_type, {json_path: value})``, the newest row of that type whose ``result_data``
+        has every value at its path (e.g. ``{"$.index_type": "normal", "$.version": V}``), or None.
+
+        Read only; one connection for all lookups. The paths are passed as parameters, never
+        spliced into the SQL.
+        """
+        found: list[dict[str, Any] | None] = []
+        with self._connection() as conn:
+            for deploy_type, matches in lookups:
+                where = "".join(" AND JSON_UNQUOTE(JSON_EXTRACT(result_data, %s)) = %s" for _ in matches)
+                params = [deploy_type] + [item for pair in matches.items() for item in pair]
+                rows = self._run(conn, f"SELECT * FROM deployment_logs WHERE deploy_type = %s{where} "
+                                       "ORDER BY deploy_id DESC LIMIT 1", tuple(params)).rows
+                found.append(_decode(rows[0]) if rows else None)
+        return found
+
     def products_by_id(self) -> dict[int, Product]:
         """Every product (active or not) by id, for naming images in index metadata."""
         rows = self._execute("SELECT product_id, product_code, product_name FROM products", fetch=True)

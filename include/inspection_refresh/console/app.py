@@ -1,0 +1,192 @@
+"""The Deployments console: a small FastAPI app that Airflow's API server mounts (see
+``plugins/deployments_console.py``) and the Airflow UI shows in a frame.
+
+Pages are server-rendered HTML (Jinja2 templates and one CSS file shipped in this package; no
+JavaScript), so they work offline and inside the UI's sandboxed frame:
+
+- ``/``: **Live now**, one card per artefact with its kept versions and Roll back buttons;
+- ``/history``: ``deployment_logs``, newest first, filterable, paged;
+- ``POST /rollback``: triggers ``deployment_rollback`` through Airflow's REST API as the user;
+- ``/artefacts/patchcore/{name}/{version}/score_histogram.png``: that one file of a kept bank version.
+
+Every route, the stylesheet included, needs an Airflow sign-in (:mod:`.auth`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import quote, urlencode
+
+from fastapi import FastAPI, Form, Request
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inspection_refresh.config import Settings, get_settings
+from inspection_refresh.console import data
+from inspection_refresh.console.airflow_api import airflow_api_url, trigger_dag_run
+from inspection_refresh.console.auth import ViewerDep, Viewer, check_csrf, csrf_token, login_url
+from inspection_refresh.publish import Publisher, PublishError
+from inspection_refresh.registry import DeploymentRegistry
+from inspection_refresh.tasks.common import ROLLBACK_DAG_ID
+from inspection_refresh.tasks.rollback import CLIP_PREFIX
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+TEMPLATES_DIR = PACKAGE_DIR / "templates"
+STYLESHEET = PACKAGE_DIR / "static" / "console.css"
+
+PAGE_HEADERS = {
+    # Only Airflow's own UI may frame the pages (no clickjacking of Roll back), and they load nothing
+    # but this app's stylesheet and pictures: no scripts at all.
+    "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
+                               "frame-ancestors 'self'; base-uri 'none'",
+    "Cache-Control": "no-store",  # per-user pages with form tokens
+}
+
+SettingsSource = Callable[[], Settings]
+RegistrySource = Callable[[Settings], DeploymentRegistry]
+
+
+def _airflow_root() -> str:
+    """Airflow's own path prefix (``/`` unless ``[api] base_url`` has a path), for links to its UI."""
+    from airflow.api_fastapi.app import API_ROOT_PATH
+
+    return API_ROOT_PATH or "/"
+
+
+def run_url(run: data.RunRef | None) -> str | None:
+    """The Airflow UI page of a DAG run."""
+    if run is None:
+        return None
+    return f"{_airflow_root()}dags/{quote(run.dag_id, safe='')}/runs/{quote(run.run_id, safe='')}"
+
+
+def _wants_html(request: Request) -> bool:
+    return "text/html" in request.headers.get("accept", "")
+
+
+def _format_time(value: Any) -> str:
+    """A time as ``2026-11-26 02:00:00 UTC``; ISO strings from JSON files too, other text as it is."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    if not isinstance(value, datetime):
+        return str(value)
+    if value.tzinfo is None:
+        return value.strftime("%Y-%m-%d %H:%M:%S")  # a database time in the server's zone
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _artefact(settings: Settings, label: str) -> tuple[str, Publisher]:
+    """(name, publisher) of an artefact label from the form; ``ValueError`` if it names nothing published."""
+    if label.startswith(CLIP_PREFIX):
+        name, publisher = label[len(CLIP_PREFIX):], settings.index_publisher()
+    else:
+        name, publisher = label, settings.patchcore_publisher()
+    if name not in publisher.names():
+        raise ValueError(f"{label!r} is not a published artefact")
+    return name, publisher
+
+
+def create_app(*, settings: SettingsSource = get_settings,
+               registry: RegistrySource = lambda s: DeploymentRegistry(s.db_conn_id),
+               api_url: str | None = None) -> FastAPI:
+    """The console app. ``settings``/``registry`` are read on every request (so a changed environment
+    applies); ``api_url`` is where Airflow's REST API is (default: :func:`airflow_api_url`)."""
+    app = FastAPI(title="Deployments", docs_url=None, redoc_url=None, openapi_url=None)
+    templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+    templates.env.globals.update(run_url=run_url, format_time=_format_time)
+
+    def render(request: Request, template: str, viewer: Viewer | None, status_code: int = 200,
+               **context: Any) -> HTMLResponse:
+        prefix = request.scope.get("root_path", "").rstrip("/")
+        return templates.TemplateResponse(
+            request, template, {"prefix": prefix, "viewer": viewer, "airflow_root": _airflow_root(),
+                                "csrf_token": csrf_token(viewer) if viewer else "", **context},
+            status_code=status_code, headers=PAGE_HEADERS)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """Anonymous browsers go to Airflow's sign-in page; other refusals get a page or JSON."""
+        if exc.status_code == 401 and _wants_html(request):
+            # After signing in, come back to this page; from a form, to the Live now page instead.
+            back = (str(request.url) if request.method == "GET"
+                    else f"{request.url.scheme}://{request.url.netloc}{request.scope.get('root_path', '')}/")
+            return RedirectResponse(login_url(back), status_code=303)
+        if _wants_html(request):
+            return render(request, "error.html", None, exc.status_code, detail=exc.detail)
+        return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.get("/", response_class=HTMLResponse, name="live")
+    def live(request: Request, viewer: ViewerDep) -> HTMLResponse:
+        current = settings()
+        cards, problems = data.live_cards(current, registry(current), viewer.readable_dag_ids)
+        return render(request, "live.html", viewer, cards=cards, problems=problems, page_name="live")
+
+    @app.get("/history", response_class=HTMLResponse, name="history")
+    def history(request: Request, viewer: ViewerDep, deploy_type: str = "", status: str = "",
+                page: str = "1") -> HTMLResponse:
+        current = settings()
+        page_number = int(page) if page.isdigit() and int(page) > 0 else 1
+        # Users who may not read every DAG of the package see only the rows of those they may.
+        dag_ids = None if viewer.reads_every_dag else sorted(viewer.readable_dag_ids)
+        result = data.history_page(registry(current), page=page_number, deploy_type=deploy_type[:50] or None,
+                                   status=status[:20] or None, dag_ids=dag_ids)
+        filters = {k: v for k, v in (("deploy_type", deploy_type), ("status", status)) if v}
+
+        def page_link(number: int) -> str:
+            return "?" + urlencode({**filters, "page": number})
+
+        return render(request, "history.html", viewer, history=result, filters=filters, page_link=page_link,
+                      page_name="history")
+
+    @app.get("/artefacts/patchcore/{name}/{version}/score_histogram.png", name="histogram")
+    def histogram(name: str, version: str, viewer: ViewerDep) -> FileResponse:
+        if data.PATCHCORE_DAG_ID not in viewer.readable_dag_ids:
+            raise StarletteHTTPException(403, "You may not read the PatchCore DAG's runs.")
+        path = data.histogram_path(settings(), name, version)
+        if path is None:
+            raise StarletteHTTPException(404, "No such histogram.")
+        # A version's files never change once published.
+        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
+
+    @app.get("/static/console.css", name="stylesheet")
+    def stylesheet(viewer: ViewerDep) -> FileResponse:
+        return FileResponse(STYLESHEET, media_type="text/css", headers={"Cache-Control": "private, max-age=300"})
+
+    @app.post("/rollback", response_class=HTMLResponse, name="rollback")
+    def rollback(request: Request, viewer: ViewerDep, artefact: Annotated[str, Form()],
+                 csrf: Annotated[str, Form(alias="csrf_token")], version: Annotated[str, Form()] = "",
+                 action: Annotated[str, Form()] = "rollback") -> HTMLResponse:
+        if not viewer.can_trigger_rollback:
+            raise StarletteHTTPException(403, f"You may not trigger {ROLLBACK_DAG_ID}.")
+        check_csrf(request, viewer, csrf)
+        if action not in ("rollback", "unpin"):
+            raise StarletteHTTPException(400, f"unknown action {action!r}")
+        try:
+            name, publisher = _artefact(settings(), artefact)
+            if action == "rollback":
+                if version not in publisher.versions(name):
+                    raise ValueError(f"version {version!r} of {artefact} is not kept")
+                if version == publisher.current(name):
+                    raise ValueError(f"version {version} of {artefact} is already live")
+        except (ValueError, OSError, PublishError) as exc:
+            return render(request, "rollback_result.html", viewer, 400, ok=False, detail=str(exc),
+                          artefact=artefact, version=version, action=action, run=None)
+        run_conf: dict[str, Any] = ({"artefact": artefact, "version": version} if action == "rollback"
+                                    else {"artefact": artefact, "unpin": True})
+        result = trigger_dag_run(api_url or airflow_api_url(), viewer.token, ROLLBACK_DAG_ID, run_conf,
+                                 note=f"Requested in the Deployments console by {viewer.name}")
+        run = data.RunRef(ROLLBACK_DAG_ID, result.run_id) if result.run_id else None
+        code = 200 if result.ok else (result.status_code if result.status_code and result.status_code >= 400 else 502)
+        return render(request, "rollback_result.html", viewer, code, ok=result.ok, detail=result.detail,
+                      artefact=artefact, version=version, action=action, run=run)
+
+    return app

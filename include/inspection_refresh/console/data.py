@@ -1,0 +1,385 @@
+"""What the Deployments console shows, gathered from the published directories and ``deployment_logs``.
+
+Nothing here knows about HTTP or Airflow's web server: :func:`live_cards` reads each artefact's
+live version and kept versions through :class:`~inspection_refresh.publish.Publisher` (plus the few
+JSON files a version holds) and asks the registry which run published it; :func:`history_page`
+reads one page of the history. Only small JSON files are read, never the index or bank themselves,
+so torch, faiss and open_clip are never imported. A problem with one artefact (a corrupt JSON file,
+an unreadable pin) becomes an error on its card, never an exception for the page.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from inspection_refresh.clip.index import MANIFEST_FILE
+from inspection_refresh.clip.weights import RANDOM_MARKER_KEY, sidecar_path
+from inspection_refresh.config import Settings
+from inspection_refresh.patchcore.bank import CONFIG_FILE, HISTOGRAM_FILE, TAU_FILE
+from inspection_refresh.publish import Publisher, PublishError
+from inspection_refresh.registry import STATUSES, DeploymentRegistry, RegistryError
+from inspection_refresh.tasks.clip_index import DEPLOY_TYPE as CLIP_DEPLOY_TYPE
+from inspection_refresh.tasks.clip_index import INDEX_TYPES
+from inspection_refresh.tasks.common import ROLLBACK_DAG_ID
+from inspection_refresh.tasks.patchcore import DEPLOY_TYPE as PATCHCORE_DEPLOY_TYPE
+from inspection_refresh.tasks.rollback import CLIP_PREFIX
+
+PATCHCORE_DAG_ID = "patchcore_memory_bank"
+
+
+def clip_dag_id(index_type: str) -> str:
+    """The DAG that builds one CLIP index (``clip_index_normal``, ``clip_index_defect``)."""
+    return f"clip_index_{index_type}"
+
+
+PACKAGE_DAG_IDS = (*(clip_dag_id(t) for t in INDEX_TYPES), PATCHCORE_DAG_ID, ROLLBACK_DAG_ID)
+"""Every DAG of this package: whose deployment rows and artefacts the console shows."""
+
+HISTORY_PAGE_SIZE = 50
+JSON_SHOWN_CHARS = 20_000
+"""A row's result_data is shown pretty-printed up to this many characters (lists of skipped
+objects can be long); the message column is at most 64 KB and shown whole."""
+
+ArtefactKind = Literal["clip", "patchcore"]
+
+
+@dataclass(frozen=True)
+class KeptVersion:
+    version: str
+    created: datetime | None
+    """When it was published: the version id is the UTC publish time."""
+    live: bool
+
+
+@dataclass
+class RunRef:
+    """An Airflow DAG run, to link to."""
+
+    dag_id: str
+    run_id: str
+
+
+@dataclass
+class ArtefactCard:
+    """One published artefact as the Live now page shows it."""
+
+    kind: ArtefactKind
+    name: str
+    """Its name under its root: ``normal``, ``defect`` or the product code."""
+    label: str
+    """How the rollback DAG names it: ``clip:normal``, ``clip:defect`` or the product code."""
+    title: str
+    dag_id: str
+    """The DAG that builds it (the user needs read access to it to see the card)."""
+    live_version: str | None = None
+    published_at: str | None = None
+    published_by: str | None = None
+    published_run: RunRef | None = None
+    facts: list[tuple[str, str]] = field(default_factory=list)
+    random_weights: bool = False
+    pin: dict[str, Any] | None = None
+    versions: list[KeptVersion] = field(default_factory=list)
+    """Newest first."""
+    histogram_version: str | None = None
+    """The live version, when it has a score histogram to show."""
+    note: str | None = None
+    """Something normal worth saying instead of facts (e.g. nothing published yet)."""
+    errors: list[str] = field(default_factory=list)
+
+
+def version_time(version: str) -> datetime | None:
+    """The UTC time a version id (``20261126T020000123456Z``, maybe ``-legacy``) was made, if it is one."""
+    try:
+        return datetime.strptime(version[:22], "%Y%m%dT%H%M%S%fZ").replace(tzinfo=timezone.utc)
+    except ValueError:
+        return None
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``; ``ValueError`` naming the file if it is missing, corrupt or not an object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path.name} is missing") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path.name} is unreadable ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path.name} holds a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _number(value: Any, digits: int = 4) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "n/a"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _kept_versions(publisher: Publisher, name: str, live: str | None) -> list[KeptVersion]:
+    return [KeptVersion(v, version_time(v), v == live) for v in reversed(publisher.versions(name))]
+
+
+def _base_card(kind: ArtefactKind, name: str, publisher: Publisher) -> ArtefactCard:
+    if kind == "clip":
+        card = ArtefactCard(kind, name, f"{CLIP_PREFIX}{name}", f"CLIP {name} index", clip_dag_id(name))
+    else:
+        card = ArtefactCard(kind, name, name, f"PatchCore bank {name}", PATCHCORE_DAG_ID)
+    try:
+        card.live_version = publisher.current(name)
+        card.versions = _kept_versions(publisher, name, card.live_version)
+    except (OSError, PublishError) as exc:
+        card.errors.append(f"cannot list its versions: {exc}")
+    try:
+        card.pin = publisher.pinned(name)
+    except PublishError as exc:
+        card.errors.append(str(exc))
+    return card
+
+
+def _clip_random_weights(manifest: dict[str, Any]) -> bool:
+    """Whether the index was embedded with random demo/test weights: the manifest says so, or its
+    ``pretrained`` is a checkpoint file whose sidecar carries the random-init marker."""
+    if manifest.get("random_weights"):
+        return True
+    pretrained = manifest.get("pretrained")
+    if not isinstance(pretrained, str) or os.sep not in pretrained:
+        return False  # a weights tag such as "openai"
+    try:
+        sidecar = json.loads(sidecar_path(pretrained).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(sidecar, dict) and bool(sidecar.get(RANDOM_MARKER_KEY))
+
+
+def _fill_clip(card: ArtefactCard, live_dir: Path) -> None:
+    manifest = _read_json_object(live_dir / MANIFEST_FILE)
+    card.published_at = manifest.get("created_at") or manifest.get("written_at")
+    if manifest.get("run_id"):
+        card.published_run = RunRef(card.dag_id, str(manifest["run_id"]))
+    card.random_weights = _clip_random_weights(manifest)
+    card.facts = [
+        ("Images", _number(manifest.get("count"))),
+        ("Embedding dim", _number(manifest.get("dim"))),
+        ("Model", f"{manifest.get('model')} / {manifest.get('pretrained')}"),
+        ("Weights identity", str(manifest.get("model_identity") or "not recorded")),
+        ("Source", f"s3://{manifest.get('source_bucket') or '?'}/{manifest.get('source_prefix') or ''}"),
+    ]
+    missing = manifest.get("missing_images") or []
+    if missing:
+        card.facts.append(("Missing images", str(len(missing))))
+
+
+def _fill_patchcore(card: ArtefactCard, live_dir: Path) -> None:
+    config = _read_json_object(live_dir / CONFIG_FILE)
+    weights = config.get("weights") if isinstance(config.get("weights"), dict) else {}
+    calibration = config.get("calibration") if isinstance(config.get("calibration"), dict) else {}
+    card.published_at = config.get("created")
+    card.random_weights = weights.get("name") == "random"
+    identity = weights.get("torchvision_weights") or weights.get("path") or weights.get("name") or "not recorded"
+    sha = str(weights.get("sha256") or "")
+    card.facts = [
+        ("Images", _number(config.get("num_images"))),
+        ("Bank size", f"{_number(config.get('bank_size'))} × {_number(config.get('feature_dim'))}"),
+        ("Backbone", f"{config.get('backbone', 'resnet50')} {identity}" + (f" (sha256 {sha[:12]}…)" if sha else "")),
+        ("Layers / short side / stride",
+         f"{', '.join(map(str, config.get('layers') or []))} / {config.get('shorter')} / {config.get('stride')}"),
+    ]
+    try:
+        tau = _read_json_object(live_dir / TAU_FILE)
+        card.facts.append(("tau (image / pixel)", f"{_number(tau.get('image'))} / {_number(tau.get('pixel'))}"))
+    except ValueError as exc:
+        card.errors.append(str(exc))
+    auroc = calibration.get("auroc")
+    card.facts.append(("Held-out AUROC", _number(auroc, 3) if auroc is not None
+                       else "n/a (no labelled defect images)"))
+    card.facts.append(("Accuracy at tau", _number(calibration.get("accuracy_at_tau"), 3)))
+    if (live_dir / HISTOGRAM_FILE).is_file():
+        card.histogram_version = card.live_version
+
+
+def _publication_lookup(card: ArtefactCard) -> tuple[str, dict[str, str]]:
+    """How to find the deployment row of the run that published the live version."""
+    if card.kind == "clip":
+        return CLIP_DEPLOY_TYPE, {"$.index_type": card.name, "$.version": str(card.live_version)}
+    # Product codes are letters, digits and "._-" (check_name), so quoting one in a JSON path is safe.
+    return PATCHCORE_DEPLOY_TYPE, {f'$.products."{card.name}".version': str(card.live_version)}
+
+
+def _add_publications(cards: list[ArtefactCard], registry: DeploymentRegistry) -> str | None:
+    """Who and which run published each live version, from ``deployment_logs``; an error text if unreadable."""
+    wanted = [card for card in cards if card.live_version]
+    if not wanted:
+        return None
+    try:
+        rows = registry.find_by_result_values([_publication_lookup(card) for card in wanted])
+    except RegistryError as exc:
+        if "doesn't exist" in str(exc):
+            return None  # no deployment has been recorded yet
+        return f"deployment history unavailable, so cards lack who published: {exc}"
+    for card, row in zip(wanted, rows):
+        if row is None:
+            continue
+        data = row.get("result_data") if isinstance(row.get("result_data"), dict) else {}
+        card.published_by = row.get("deployed_by")
+        if data.get("airflow_dag_id") and data.get("airflow_run_id"):
+            card.published_run = RunRef(str(data["airflow_dag_id"]), str(data["airflow_run_id"]))
+        card.published_at = card.published_at or row.get("completed_at") or row.get("started_at")
+        card.random_weights = card.random_weights or bool(data.get("random_weights"))
+    return None
+
+
+def artefact_card(kind: ArtefactKind, name: str, publisher: Publisher) -> ArtefactCard:
+    """One artefact's card from disk alone; problems become ``errors`` on the card."""
+    card = _base_card(kind, name, publisher)
+    if card.live_version is None:
+        if card.versions:
+            card.errors.append("no live version: the live link is missing or is not a published version")
+        elif not card.errors:
+            card.note = "Nothing published yet."
+        return card
+    try:
+        live_dir = publisher.live_path(name)
+        (_fill_clip if kind == "clip" else _fill_patchcore)(card, live_dir)
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        card.errors.append(f"version {card.live_version}: {exc}")
+    return card
+
+
+def live_cards(settings: Settings, registry: DeploymentRegistry,
+               readable_dag_ids: frozenset[str] | set[str]) -> tuple[list[ArtefactCard], list[str]]:
+    """Cards for the artefacts whose DAG the user may read (CLIP indexes, then banks by product code),
+    and page-level problems (history unavailable, a releases directory that cannot be listed)."""
+    problems: list[str] = []
+    cards: list[ArtefactCard] = []
+    try:
+        index_publisher = settings.index_publisher()
+        cards += [artefact_card("clip", t, index_publisher) for t in INDEX_TYPES if clip_dag_id(t) in readable_dag_ids]
+    except (OSError, PublishError) as exc:
+        problems.append(f"CLIP indexes: {exc}")
+    if PATCHCORE_DAG_ID in readable_dag_ids:
+        try:
+            bank_publisher = settings.patchcore_publisher()
+            cards += [artefact_card("patchcore", code, bank_publisher) for code in bank_publisher.names()]
+        except (OSError, PublishError) as exc:
+            problems.append(f"PatchCore banks: {exc}")
+    problem = _add_publications(cards, registry)
+    if problem:
+        problems.append(problem)
+    return cards, problems
+
+
+def histogram_path(settings: Settings, name: str, version: str) -> Path | None:
+    """The score histogram of a kept version of a PatchCore bank, or None.
+
+    ``name`` and ``version`` come from the URL: they are only compared with the names and
+    versions listed on disk, and the file's real path must lie inside that version's
+    directory, so no path outside a published version can be served.
+    """
+    publisher = settings.patchcore_publisher()
+    try:
+        if name not in publisher.names() or version not in publisher.versions(name):
+            return None
+    except (OSError, PublishError):
+        return None
+    releases = Path(os.path.realpath(publisher.releases))
+    version_dir = Path(os.path.realpath(publisher.releases / name / version))
+    candidate = Path(os.path.realpath(version_dir / HISTOGRAM_FILE))
+    # Links (a version directory or a histogram that is a symlink) must not lead outside the version.
+    if version_dir.parent.parent != releases or candidate.parent != version_dir or not candidate.is_file():
+        return None
+    return candidate
+
+
+@dataclass
+class HistoryRow:
+    deploy_id: int
+    deploy_type: str
+    status: str
+    started_at: str | None
+    completed_at: str | None
+    deployed_by: str | None
+    message: str
+    run: RunRef | None
+    summary: str
+    """One line: what the row deployed (index type, artefact, products)."""
+    products: list[dict[str, Any]]
+    """PatchCore rows: one dict per product (code, status, version, figures, error)."""
+    result_json: str
+
+
+@dataclass
+class HistoryPage:
+    rows: list[HistoryRow]
+    total: int
+    page: int
+    pages: int
+    deploy_types: list[str]
+    statuses: tuple[str, ...] = STATUSES
+    problem: str | None = None
+
+
+def _summary(deploy_type: str, data: dict[str, Any]) -> str:
+    if "artefact" in data:
+        action = data.get("action") or "rollback"
+        if action == "unpin":
+            return f"{data['artefact']}: unpin"
+        return f"{data['artefact']}: {data.get('from_version') or '?'} → {data.get('to_version') or '?'}"
+    if "index_type" in data:
+        return f"{data['index_type']} index" + (f", version {data['version']}" if data.get("version") else "")
+    if isinstance(data.get("products"), dict):
+        return ", ".join(f"{code} {(result or {}).get('status', '?')}" for code, result in data["products"].items())
+    return ""
+
+
+def _products(data: dict[str, Any]) -> list[dict[str, Any]]:
+    products = data.get("products")
+    if not isinstance(products, dict):
+        return []
+    rows = []
+    for code, result in products.items():
+        result = result if isinstance(result, dict) else {}
+        tau = result.get("tau") if isinstance(result.get("tau"), dict) else {}
+        rows.append({"code": code, "status": result.get("status"), "version": result.get("version"),
+                     "bank_size": result.get("bank_size"), "tau": _number(tau.get("image")) if tau else "",
+                     "auroc": _number(result.get("auroc"), 3) if result.get("auroc") is not None else "",
+                     "error": ": ".join(str(x) for x in (result.get("stage"), result.get("error")) if x)})
+    return rows
+
+
+def _history_row(row: dict[str, Any]) -> HistoryRow:
+    raw = row.get("result_data")
+    data = raw if isinstance(raw, dict) else {}
+    run = (RunRef(str(data["airflow_dag_id"]), str(data["airflow_run_id"]))
+           if data.get("airflow_dag_id") and data.get("airflow_run_id") else None)
+    shown = json.dumps(raw, indent=2, sort_keys=True, default=str) if raw is not None else ""
+    if len(shown) > JSON_SHOWN_CHARS:
+        shown = shown[:JSON_SHOWN_CHARS] + f"\n… [{len(shown) - JSON_SHOWN_CHARS} more characters not shown]"
+    return HistoryRow(
+        deploy_id=int(row["deploy_id"]), deploy_type=str(row["deploy_type"]), status=str(row["status"]),
+        started_at=row.get("started_at"), completed_at=row.get("completed_at"), deployed_by=row.get("deployed_by"),
+        message=str(row.get("result_message") or ""), run=run, summary=_summary(str(row["deploy_type"]), data),
+        products=_products(data), result_json=shown)
+
+
+def history_page(registry: DeploymentRegistry, *, page: int = 1, deploy_type: str | None = None,
+                 status: str | None = None, dag_ids: list[str] | None = None,
+                 page_size: int = HISTORY_PAGE_SIZE) -> HistoryPage:
+    """One page of ``deployment_logs``, newest first; ``dag_ids`` limits it to those DAGs' rows (None: all)."""
+    page = max(1, page)
+    try:
+        rows, total = registry.history_page(limit=page_size, offset=(page - 1) * page_size,
+                                            deploy_type=deploy_type, status=status, dag_ids=dag_ids)
+        types = registry.deploy_types()
+    except RegistryError as exc:
+        if "doesn't exist" in str(exc):
+            return HistoryPage([], 0, 1, 1, [], problem="no deployment has been recorded yet "
+                                                         "(the deployment_logs table does not exist)")
+        return HistoryPage([], 0, 1, 1, [], problem=f"deployment history unavailable: {exc}")
+    return HistoryPage([_history_row(r) for r in rows], total, page, max(1, math.ceil(total / page_size)), types)

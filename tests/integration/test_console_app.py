@@ -1,0 +1,482 @@
+"""The Deployments console (plugin ``Deployments``) against real parts: versions published with
+``Publisher`` into a temporary root, ``deployment_logs`` on the real MariaDB (a scratch database of
+its own), Airflow's SimpleAuthManager issuing real JWTs, and the app mounted by Airflow's own
+``init_plugins`` from the plugins folder, as the API server mounts it. Only Airflow's REST API is
+stood in for, by a small local HTTP server that records what the console sends it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+
+from inspection_refresh.publish import Publisher
+
+CONN_ID = "console_db"
+NORMAL_VERSIONS = ["20261101T020000000000Z", "20261102T020000000000Z", "20261103T020000000000Z"]
+BANK_VERSIONS = ["20261105T100000000000Z", "20261106T100000000000Z"]
+PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 32 + b"histogram of BRKT01"
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def console_database(mysql_database):
+    """A database of this module's own on the real MariaDB, reached through the connection ``console_db``."""
+    import MySQLdb
+
+    settings = {k: mysql_database[k] for k in ("host", "port", "user", "password")}
+    name = f"console_test_{uuid.uuid4().hex[:8]}"
+    conn = MySQLdb.connect(**settings, autocommit=True)
+    conn.cursor().execute(f"CREATE DATABASE `{name}`")
+    variable = f"AIRFLOW_CONN_{CONN_ID.upper()}"
+    os.environ[variable] = json.dumps({"conn_type": "mysql", "host": settings["host"], "port": settings["port"],
+                                       "login": settings["user"], "password": settings["password"], "schema": name})
+    yield {**settings, "database": name}
+    os.environ.pop(variable, None)
+    conn.cursor().execute(f"DROP DATABASE `{name}`")
+    conn.close()
+
+
+@pytest.fixture
+def registry(console_database, monkeypatch):
+    """An empty ``deployment_logs`` for each test."""
+    import MySQLdb
+
+    from inspection_refresh.registry import DeploymentRegistry
+
+    monkeypatch.setenv("INSPECTION_DB_CONN_ID", CONN_ID)
+    conn = MySQLdb.connect(**console_database, autocommit=True)
+    conn.cursor().execute("DROP TABLE IF EXISTS deployment_logs")
+    conn.close()
+    registry = DeploymentRegistry(CONN_ID)
+    registry.ensure_tables()
+    return registry
+
+
+@pytest.fixture
+def roots(tmp_path, monkeypatch):
+    """Empty CLIP and PatchCore roots (with their default releases directories) for this test."""
+    monkeypatch.setenv("INSPECTION_INDEX_ROOT", str(tmp_path / "clip_index"))
+    monkeypatch.setenv("INSPECTION_PATCHCORE_ROOT", str(tmp_path / "patchCore"))
+    monkeypatch.delenv("INSPECTION_INDEX_RELEASES", raising=False)
+    monkeypatch.delenv("INSPECTION_PATCHCORE_RELEASES", raising=False)
+    from inspection_refresh.config import get_settings
+
+    settings = get_settings()
+    return settings.index_publisher(), settings.patchcore_publisher()
+
+
+class AirflowApiStub:
+    """Stands in for Airflow's REST API: records each request, answers with ``reply``."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.reply: tuple[int, dict] = (200, {"dag_run_id": "manual__2026-11-28T10:00:00+00:00_AbCd1234",
+                                              "dag_id": "deployment_rollback", "state": "queued"})
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                stub.requests.append({"path": self.path, "authorization": self.headers.get("authorization"),
+                                      "json": json.loads(body)})
+                status, payload = stub.reply
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def airflow_api(monkeypatch):
+    stub = AirflowApiStub()
+    monkeypatch.setenv("INSPECTION_AIRFLOW_API_URL", stub.url)
+    yield stub
+    stub.close()
+
+
+@pytest.fixture(scope="module")
+def auth_manager(airflow_db):
+    """Airflow's configured auth manager (SimpleAuthManager), initialised as the API server does."""
+    from airflow.api_fastapi.app import init_auth_manager
+
+    return init_auth_manager()
+
+
+@pytest.fixture(scope="module")
+def tokens(auth_manager):
+    """Real JWTs for users of different roles (SimpleAuthManager: admin, viewer, and no role at all)."""
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+
+    return {name: auth_manager.generate_jwt(SimpleAuthManagerUser(username=name, role=role))
+            for name, role in (("alice", "admin"), ("bob", "admin"), ("victor", "viewer"), ("nobody", None))}
+
+
+@pytest.fixture(scope="module")
+def client(auth_manager):
+    """The API server's way: Airflow's ``init_plugins`` mounts every app of the plugins folder."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from airflow.api_fastapi.app import init_plugins
+
+    root = FastAPI()
+    init_plugins(root)
+    with TestClient(root) as test_client:
+        yield test_client
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+# --------------------------------------------------------------------------- helpers
+def publish_clip(publisher: Publisher, name: str, version: str, manifest: dict | str) -> None:
+    staging = publisher.stage(name)
+    (staging / "manifest.json").write_text(manifest if isinstance(manifest, str) else json.dumps(manifest))
+    publisher.publish(name, staging, version)
+
+
+def clip_manifest(version: str, pretrained: str = "openai", count: int = 12) -> dict:
+    return {"format": 1, "index_type": "normal", "model": "ViT-B-32", "pretrained": pretrained, "count": count,
+            "dim": 512, "version": version, "model_identity": f"ViT-B-32/{pretrained}|open_clip-3.3.0|prep-v1",
+            "source_bucket": "dm-obs", "source_prefix": "images/normal/", "run_id": f"manual__{version}",
+            "created_at": "2026-11-02T02:00:05+00:00"}
+
+
+def publish_bank(publisher: Publisher, code: str, version: str, weights: str = "random",
+                 histogram: bytes | None = PNG) -> None:
+    staging = publisher.stage(code)
+    config = {"layers": ["layer2", "layer3"], "shorter": 256, "stride": 1, "backbone": "resnet50",
+              "weights": {"name": weights, "sha256": "ab" * 32}, "feature_dim": 1536, "bank_size": 4096,
+              "num_images": 40, "created": "2026-11-06T10:00:07+00:00",
+              "calibration": {"auroc": 0.9375, "accuracy_at_tau": 0.875, "tau": {"pixel": 1.5, "image": 2.25}}}
+    (staging / "bank_config.json").write_text(json.dumps(config))
+    (staging / "tau.json").write_text(json.dumps({"pixel": 1.5, "image": 2.25}))
+    if histogram is not None:
+        (staging / "score_histogram.png").write_bytes(histogram)
+    publisher.publish(code, staging, version)
+
+
+def card_html(page: str, label: str) -> str:
+    match = re.search(rf'<article class="card"[^>]*data-artefact="{re.escape(label)}">(.*?)</article>', page, re.S)
+    assert match, f"no card for {label}"
+    return match.group(1)
+
+
+def rollback_buttons(card: str) -> list[str]:
+    """The versions a card offers a Roll back button for."""
+    return re.findall(r'name="version" value="([^"]+)">\s*<input type="hidden" name="action" value="rollback">', card)
+
+
+def csrf_from(page: str) -> str:
+    return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+
+
+@pytest.fixture
+def published(roots, registry):
+    """CLIP normal: three versions, rolled back (and pinned) to the middle one; a random-weights bank."""
+    index, banks = roots
+    for version in NORMAL_VERSIONS:
+        publish_clip(index, "normal", version, clip_manifest(version))
+    index.rollback("normal", NORMAL_VERSIONS[1], pinned_by="airflow:alice", run_id="manual__rollback-1")
+    for version in BANK_VERSIONS:
+        publish_bank(banks, "BRKT01", version)
+    registry.finish("clip_rebuild", "clip_index_normal", f"manual__{NORMAL_VERSIONS[1]}", status="completed",
+                    message="normal index published", deployed_by="airflow:alice",
+                    result_data={"index_type": "normal", "version": NORMAL_VERSIONS[1], "random_weights": False})
+    registry.finish("patchcore_create", "patchcore_memory_bank", "scheduled__2026-11-06T10:00:00+00:00",
+                    status="completed", message="1 PatchCore bank published", deployed_by="airflow-scheduler",
+                    result_data={"products": {"BRKT01": {"status": "published", "version": BANK_VERSIONS[1],
+                                                         "bank_size": 4096, "tau": {"pixel": 1.5, "image": 2.25}}}})
+    return index, banks
+
+
+# --------------------------------------------------------------------------- Live now
+def test_cards_show_the_live_version_kept_versions_pin_and_random_weights(client, tokens, published):
+    response = client.get("/deployments/", headers=bearer(tokens["alice"]))
+    assert response.status_code == 200, response.text
+    assert "frame-ancestors 'self'" in response.headers["content-security-policy"]
+    assert "script-src" not in response.headers["content-security-policy"]  # default-src 'none': no scripts
+    page = response.text
+
+    normal = card_html(page, "clip:normal")
+    assert f"live {NORMAL_VERSIONS[1]}" in normal and ">pinned<" in normal
+    assert "by airflow:alice" in normal and "manual__rollback-1" in normal  # who pinned it, from which run
+    assert "Unpin" in normal
+    # Every kept version with its date; Roll back for each but the live one.
+    for version in NORMAL_VERSIONS:
+        assert version in normal
+    assert "2026-11-01 02:00:00 UTC" in normal
+    assert rollback_buttons(normal) == [NORMAL_VERSIONS[2], NORMAL_VERSIONS[0]]  # newest first
+    # Published by the run that built the live version, linked to its Airflow run page.
+    run_id = f"manual__{NORMAL_VERSIONS[1]}"
+    assert f'href="/dags/clip_index_normal/runs/{quote(run_id, safe="")}"' in normal
+    assert "(airflow:alice)" in normal
+    assert "<dd>12</dd>" in normal and "ViT-B-32/openai|open_clip-3.3.0|prep-v1" in normal
+    assert "random weights" not in normal
+
+    assert "Nothing published yet." in card_html(page, "clip:defect")
+
+    bank = card_html(page, "BRKT01")
+    assert f"live {BANK_VERSIONS[1]}" in bank and "pinned" not in bank
+    assert "random weights (demo/test)" in bank
+    assert "4096 × 1536" in bank and "2.2500 / 1.5000" in bank  # bank size; tau image / pixel
+    assert "0.938" in bank and "0.875" in bank  # held-out AUROC, accuracy at tau
+    assert f'src="/deployments/artefacts/patchcore/BRKT01/{BANK_VERSIONS[1]}/score_histogram.png"' in bank
+    assert "scheduled__2026-11-06T10" in bank and "(airflow-scheduler)" in bank
+    assert rollback_buttons(bank) == [BANK_VERSIONS[0]]
+
+
+def test_clip_index_built_with_a_random_checkpoint_gets_the_badge(client, tokens, roots, registry, tmp_path):
+    index, _ = roots
+    checkpoint = tmp_path / "weights" / "clip-random.pt"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"not really weights")
+    (tmp_path / "weights" / "clip-random.pt.json").write_text(json.dumps({"inspection_random_init": True}))
+    publish_clip(index, "defect", NORMAL_VERSIONS[0], clip_manifest(NORMAL_VERSIONS[0], pretrained=str(checkpoint)))
+
+    page = client.get("/deployments/", headers=bearer(tokens["alice"])).text
+    assert "random weights (demo/test)" in card_html(page, "clip:defect")
+    # Without a history row, the run still comes from the manifest.
+    assert f"/dags/clip_index_defect/runs/manual__{NORMAL_VERSIONS[0]}" in card_html(page, "clip:defect")
+
+
+def test_a_corrupt_artefact_shows_its_error_on_its_card_only(client, tokens, roots, registry):
+    index, banks = roots
+    publish_clip(index, "normal", NORMAL_VERSIONS[0], clip_manifest(NORMAL_VERSIONS[0]))
+    publish_clip(index, "defect", NORMAL_VERSIONS[0], '{"count": 3,')  # cut short
+    publish_bank(banks, "BRKT01", BANK_VERSIONS[0])
+    publish_bank(banks, "GEAR02", BANK_VERSIONS[0])
+    (banks.releases / "GEAR02" / ".pin.json").write_text("[1, 2")
+    (banks.releases / "GEAR02" / BANK_VERSIONS[0] / "bank_config.json").write_text("[]")
+
+    response = client.get("/deployments/", headers=bearer(tokens["alice"]))
+    assert response.status_code == 200
+    page = response.text
+    assert "manifest.json is unreadable" in card_html(page, "clip:defect")
+    assert "unreadable" not in card_html(page, "clip:normal") and "<dd>12</dd>" in card_html(page, "clip:normal")
+    gear = card_html(page, "GEAR02")
+    assert "bank_config.json holds a JSON list, not an object" in gear and "pin file" in gear
+    assert "4096 × 1536" in card_html(page, "BRKT01")
+
+
+# --------------------------------------------------------------------------- histogram
+def test_histogram_route_serves_only_that_file_of_a_kept_version(client, tokens, published, tmp_path):
+    _, banks = published
+    url = f"/deployments/artefacts/patchcore/BRKT01/{BANK_VERSIONS[1]}/score_histogram.png"
+    response = client.get(url, headers=bearer(tokens["alice"]))
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    assert response.content == PNG
+    assert client.get(url.replace(BANK_VERSIONS[1], BANK_VERSIONS[0]), headers=bearer(tokens["alice"])).content == PNG
+
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(b"not yours")
+    # A histogram that is a link out of its version directory is not served.
+    (banks.releases / "BRKT01" / BANK_VERSIONS[0] / "score_histogram.png").unlink()
+    os.symlink(secret, banks.releases / "BRKT01" / BANK_VERSIONS[0] / "score_histogram.png")
+    for bad in (f"BRKT01/{BANK_VERSIONS[0]}", "BRKT01/20261107T000000000000Z", "NOPE/" + BANK_VERSIONS[1],
+                "BRKT01/..", "..%2F..%2Fsecret/x", "BRKT01/%2E%2E", "%2E%2E/BRKT01", "BRKT01/.pin.json"):
+        response = client.get(f"/deployments/artefacts/patchcore/{bad}/score_histogram.png",
+                              headers=bearer(tokens["alice"]))
+        assert response.status_code == 404, bad
+        assert b"not yours" not in response.content
+
+
+# --------------------------------------------------------------------------- history
+def test_history_is_newest_first_filterable_and_expandable(client, tokens, registry):
+    registry.finish("clip_rebuild", "clip_index_normal", "manual__a", status="completed",
+                    message="normal index version V1 published: 12 images",
+                    result_data={"index_type": "normal", "version": "V1"})
+    registry.finish("patchcore_create", "patchcore_memory_bank", "manual__b", status="failed",
+                    message="1 of 2 products failed: GEAR02 at build: out of memory",
+                    result_data={"products": {"BRKT01": {"status": "published", "version": "B1", "bank_size": 77,
+                                                         "tau": {"image": 2.5, "pixel": 1.0}, "auroc": 0.91},
+                                              "GEAR02": {"status": "failed", "stage": "build",
+                                                         "error": "out of memory"}}})
+    registry.finish("rollback", "deployment_rollback", "manual__c", status="completed",
+                    message="clip:normal rolled back from V2 to V1 by airflow:alice",
+                    result_data={"artefact": "clip:normal", "action": "rollback", "from_version": "V2",
+                                 "to_version": "V1"}, deployed_by="airflow:alice")
+
+    page = client.get("/deployments/history", headers=bearer(tokens["alice"])).text
+    ids = [int(i) for i in re.findall(r'<details class="history-row[^"]*" id="deploy-(\d+)"', page)]
+    assert len(ids) == 3 and ids == sorted(ids, reverse=True)
+    first = page.index('id="deploy-')
+    assert page.index("clip:normal: V2 → V1") > first  # the rollback row comes first
+    assert page.index("clip:normal: V2 → V1") < page.index("GEAR02 failed") < page.index("normal index, version V1")
+    assert "3 deployments" in page
+    # Details: message, per-product results, result_data, and the Airflow run.
+    assert "1 of 2 products failed: GEAR02 at build: out of memory" in page
+    assert "<td>BRKT01</td><td>published</td><td>B1</td><td>77</td>" in page
+    assert "<td>build: out of memory</td>" in page
+    assert 'href="/dags/patchcore_memory_bank/runs/manual__b"' in page
+    assert "&#34;to_version&#34;: &#34;V1&#34;" in page or '"to_version": "V1"' in page
+
+    by_type = client.get("/deployments/history?deploy_type=patchcore_create", headers=bearer(tokens["alice"])).text
+    assert "GEAR02 failed" in by_type and "V2 → V1" not in by_type and "1 deployment<" in by_type
+    assert '<option value="patchcore_create" selected>' in by_type
+    by_status = client.get("/deployments/history?status=completed", headers=bearer(tokens["alice"])).text
+    assert "GEAR02 failed" not in by_status and "V2 → V1" in by_status and "version V1" in by_status
+    both = client.get("/deployments/history?status=completed&deploy_type=rollback",
+                      headers=bearer(tokens["alice"])).text
+    assert "V2 → V1" in both and "version V1" not in both
+
+
+def test_history_is_paged(client, tokens, registry, console_database):
+    import MySQLdb
+
+    conn = MySQLdb.connect(**console_database, autocommit=True)
+    conn.cursor().executemany(
+        "INSERT INTO deployment_logs (deploy_type, status, result_message, result_data) VALUES (%s, %s, %s, %s)",
+        [("clip_rebuild", "completed", f"row {n}", json.dumps({"index_type": "normal", "version": f"v{n:03d}"}))
+         for n in range(120)])
+    conn.close()
+    first = client.get("/deployments/history", headers=bearer(tokens["alice"])).text
+    assert first.count('<details class="history-row') == 50 and "page 1 of 3" in first
+    assert "version v119" in first and "version v070" in first and "version v069" not in first
+    assert 'href="?page=2" rel="next"' in first and 'rel="prev"' not in first
+    last = client.get("/deployments/history?page=3", headers=bearer(tokens["alice"])).text
+    assert last.count('<details class="history-row') == 20 and "version v000" in last and 'rel="next"' not in last
+    filtered = client.get("/deployments/history?status=completed&page=2", headers=bearer(tokens["alice"])).text
+    assert 'href="?status=completed&amp;page=3"' in filtered
+
+
+# --------------------------------------------------------------------------- authentication, permissions
+@pytest.mark.parametrize("method, path", [
+    ("GET", "/deployments/"), ("GET", "/deployments/history"), ("GET", "/deployments/static/console.css"),
+    ("GET", f"/deployments/artefacts/patchcore/BRKT01/{BANK_VERSIONS[1]}/score_histogram.png"),
+    ("POST", "/deployments/rollback"),
+])
+def test_anonymous_requests_are_refused(client, published, method, path):
+    assert client.request(method, path).status_code == 401
+    assert client.request(method, path, headers=bearer("not-a-jwt")).status_code == 403
+    # A browser is sent to Airflow's sign-in page, and back here afterwards.
+    browser = client.request(method, path, headers={"Accept": "text/html"}, follow_redirects=False)
+    assert browser.status_code == 303
+    assert browser.headers["location"].startswith("/auth/login?next=http%3A%2F%2Ftestserver%2Fdeployments%2F")
+
+
+def test_the_ui_cookie_works_like_a_bearer_token(client, tokens, published):
+    client.cookies.set("_token", tokens["alice"])
+    try:
+        response = client.get("/deployments/")
+    finally:
+        client.cookies.clear()
+    assert response.status_code == 200 and "Signed in as alice" in response.text
+
+
+def test_users_without_permission_are_refused_and_viewers_get_no_rollback(client, tokens, published, airflow_api):
+    for path in ("/deployments/", "/deployments/history",
+                 f"/deployments/artefacts/patchcore/BRKT01/{BANK_VERSIONS[1]}/score_histogram.png"):
+        assert client.get(path, headers=bearer(tokens["nobody"])).status_code == 403, path
+    page = client.get("/deployments/", headers=bearer(tokens["victor"]))
+    assert page.status_code == 200
+    assert "Roll back</button>" not in page.text and "Unpin" not in page.text
+    assert "You may not trigger" in page.text
+    refused = client.post("/deployments/rollback", headers=bearer(tokens["victor"]),
+                          data={"artefact": "clip:normal", "version": NORMAL_VERSIONS[0], "csrf_token": "-"})
+    assert refused.status_code == 403 and refused.json() == {"detail": "You may not trigger deployment_rollback."}
+    assert airflow_api.requests == []
+
+
+# --------------------------------------------------------------------------- rollback
+def test_rollback_is_forwarded_to_airflows_rest_api_with_the_users_token(client, tokens, published, airflow_api):
+    client.cookies.set("_token", tokens["alice"])  # as the UI's frame sends it
+    try:
+        page = client.get("/deployments/").text
+        response = client.post("/deployments/rollback", headers={"Origin": "http://testserver"}, data={
+            "artefact": "clip:normal", "version": NORMAL_VERSIONS[0], "action": "rollback",
+            "csrf_token": csrf_from(page)})
+    finally:
+        client.cookies.clear()
+    assert response.status_code == 200, response.text
+    assert airflow_api.requests == [{
+        "path": "/api/v2/dags/deployment_rollback/dagRuns",
+        "authorization": f"Bearer {tokens['alice']}",
+        "json": {"logical_date": None, "conf": {"artefact": "clip:normal", "version": NORMAL_VERSIONS[0]},
+                 "note": "Requested in the Deployments console by alice"},
+    }]
+    run_id = airflow_api.reply[1]["dag_run_id"]
+    assert f'href="/dags/deployment_rollback/runs/{quote(run_id, safe="")}"' in response.text
+    # Nothing changed on disk: only the DAG run rolls back.
+    assert published[0].current("normal") == NORMAL_VERSIONS[1]
+
+
+def test_unpin_and_bank_rollback_are_forwarded_with_a_bearer_token(client, tokens, published, airflow_api):
+    page = client.get("/deployments/", headers=bearer(tokens["alice"])).text
+    token = csrf_from(page)
+    assert client.post("/deployments/rollback", headers=bearer(tokens["alice"]), data={
+        "artefact": "clip:normal", "action": "unpin", "csrf_token": token}).status_code == 200
+    assert client.post("/deployments/rollback", headers=bearer(tokens["alice"]), data={
+        "artefact": "BRKT01", "version": BANK_VERSIONS[0], "csrf_token": token}).status_code == 200
+    assert [r["json"]["conf"] for r in airflow_api.requests] == [
+        {"artefact": "clip:normal", "unpin": True}, {"artefact": "BRKT01", "version": BANK_VERSIONS[0]}]
+    assert {r["authorization"] for r in airflow_api.requests} == {f"Bearer {tokens['alice']}"}
+
+
+def test_airflows_refusal_is_shown(client, tokens, published, airflow_api):
+    airflow_api.reply = (409, {"detail": "DAG deployment_rollback already has the maximum of 1 active run"})
+    page = client.get("/deployments/", headers=bearer(tokens["alice"])).text
+    response = client.post("/deployments/rollback", headers=bearer(tokens["alice"]), data={
+        "artefact": "clip:normal", "version": NORMAL_VERSIONS[2], "csrf_token": csrf_from(page)})
+    assert response.status_code == 409
+    assert "was not started" in response.text
+    assert "Airflow refused (409): DAG deployment_rollback already has the maximum of 1 active run" in response.text
+
+
+def test_forged_or_pointless_rollbacks_never_reach_airflow(client, tokens, published, airflow_api):
+    page = client.get("/deployments/", headers=bearer(tokens["alice"])).text
+    good = csrf_from(page)
+    form = {"artefact": "clip:normal", "version": NORMAL_VERSIONS[0]}
+    assert client.post("/deployments/rollback", headers=bearer(tokens["alice"]), data=form).status_code == 422
+    assert client.post("/deployments/rollback", headers=bearer(tokens["alice"]),
+                       data={**form, "csrf_token": "forged"}).status_code == 403
+    assert client.post("/deployments/rollback", headers={**bearer(tokens["alice"]), "Origin": "http://evil.example"},
+                       data={**form, "csrf_token": good}).status_code == 403
+    # Another user's form token does not work either.
+    bobs = csrf_from(client.get("/deployments/", headers=bearer(tokens["bob"])).text)
+    assert client.post("/deployments/rollback", headers=bearer(tokens["alice"]),
+                       data={**form, "csrf_token": bobs}).status_code == 403
+    # The live version, a version that is not kept, an unknown artefact: said at once, not forwarded.
+    for artefact, version, expected in (("clip:normal", NORMAL_VERSIONS[1], "already live"),
+                                        ("clip:normal", "20250101T000000000000Z", "is not kept"),
+                                        ("clip:other", NORMAL_VERSIONS[0], "not a published artefact"),
+                                        ("../etc", NORMAL_VERSIONS[0], "not a published artefact")):
+        response = client.post("/deployments/rollback", headers=bearer(tokens["alice"]),
+                               data={"artefact": artefact, "version": version, "csrf_token": good})
+        assert response.status_code == 400 and expected in response.text, artefact
+    assert airflow_api.requests == []
+
+
+# --------------------------------------------------------------------------- the plugin
+def test_airflow_loads_the_plugin_with_its_app_and_navigation_entry(client):
+    from airflow import plugins_manager
+
+    apps, _ = plugins_manager.get_fastapi_plugins()
+    assert [a["url_prefix"] for a in apps if a["name"] == "Deployments"] == ["/deployments"]
+    views, _ = plugins_manager._get_ui_plugins()
+    view = next(v for v in views if v["name"] == "Deployments")
+    assert view["url_route"] == "deployments" and view["href"] == "/deployments/" and view["destination"] == "nav"
+    assert Path(__file__).resolve().parents[2].joinpath("plugins", "deployments_console.py").is_file()
