@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from inspection_refresh.publish import Publisher, default_releases_dir
@@ -28,6 +29,16 @@ def _env_optional(name: str, default: str | None) -> str | None:
     if value is None:
         return default
     return None if value.strip().lower() in ("", "none", "off") else value.strip()
+
+
+PUBLISH_TARGETS = ("local", "channel", "both")
+
+
+def _publish_targets(value: str) -> str:
+    value = value.strip().lower()
+    if value not in PUBLISH_TARGETS:
+        raise ValueError(f"INSPECTION_PUBLISH_TARGETS is {value!r}; use one of {', '.join(PUBLISH_TARGETS)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,36 @@ class Settings:
     patchcore_scripts: tuple[str, ...]
     """Other build scripts an operator may pick in the DAG's form (``INSPECTION_PATCHCORE_SCRIPTS``,
     colon-separated paths): the allow-list, since a script runs with the worker's rights."""
+    approval_timeout: timedelta = timedelta(hours=4)
+    """Longest wait of an approval request before publishing (``INSPECTION_APPROVAL_TIMEOUT_MINUTES``);
+    it also ends 20 minutes before the run's ``dagrun_timeout``. No answer by then: nothing is published."""
+    approve_scheduled_patchcore: bool = True
+    """Scheduled PatchCore runs wait for approval before publishing (``INSPECTION_APPROVE_SCHEDULED_PATCHCORE``):
+    a new bank and tau change which parts the line rejects, and nobody chose to deploy a scheduled run."""
+    run_store: str = "local"
+    """Where a run's tasks hand each other files (:class:`inspection_refresh.runstore.RunStore`):
+    ``local`` (the run's work directory under ``cache_root``; every task of a run must see that disk)
+    or ``storage`` (object storage under ``run_store_prefix``; tasks may run on any worker)."""
+    run_store_prefix: str = "airflow-runs/"
+    """Key prefix of the ``storage`` run store in the bucket: ``<prefix><pipeline>/<run>/<name>``."""
+    run_retention_days: float = 14.0
+    """A failed run's intermediate files are swept this many days after they were last written;
+    a completed run removes its own at once."""
+    heavy_queue: str | None = None
+    """Airflow (Celery) queue of the compute-heavy tasks, CLIP ``embed`` and PatchCore ``build``
+    (e.g. ``gpu``); ``None`` (empty setting) = ``default_queue``."""
+    default_queue: str | None = None
+    """Queue of every other task; ``None`` (empty setting) = Airflow's ``[operators] default_queue``."""
+    publish_targets: str = "local"
+    """Where a publish, rollback, pin or unpin goes (``INSPECTION_PUBLISH_TARGETS``): ``local`` (the roots
+    above), ``channel`` (the release channel in object storage that serving hosts pull from; the roots on
+    the workers are then only the workers' working copy) or ``both``."""
+    channel_prefix: str = "deployments/"
+    """Release channel: ``<prefix><clip|patchcore>/<name>/...`` in ``channel_bucket``."""
+    channel_conn_id: str | None = None
+    """Airflow connection of the release channel; ``None``: ``storage_conn_id``."""
+    channel_bucket: str | None = None
+    """Bucket of the release channel; ``None``: the storage connection's bucket, else ``bucket``."""
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -97,15 +138,49 @@ class Settings:
             patchcore_pool=_env("PATCHCORE_POOL", "patchcore_build"),
             patchcore_script=_env("PATCHCORE_SCRIPT", ""),
             patchcore_scripts=tuple(p for p in _env("PATCHCORE_SCRIPTS", "").split(":") if p.strip()),
+            approval_timeout=timedelta(minutes=float(_env("APPROVAL_TIMEOUT_MINUTES", "240"))),
+            approve_scheduled_patchcore=_env("APPROVE_SCHEDULED_PATCHCORE", "true").strip().lower()
+            not in ("0", "false", "no", "off"),
+            run_store=_env("RUN_STORE", "local").strip().lower(),
+            run_store_prefix=_env("RUN_STORE_PREFIX", "airflow-runs/"),
+            run_retention_days=float(_env("RUN_RETENTION_DAYS", "14")),
+            heavy_queue=_env_optional("HEAVY_QUEUE", None),
+            default_queue=_env_optional("DEFAULT_QUEUE", None),
+            publish_targets=_publish_targets(_env("PUBLISH_TARGETS", "local")),
+            channel_prefix=_env("CHANNEL_PREFIX", "deployments/"),
+            channel_conn_id=_env_optional("CHANNEL_CONN_ID", None),
+            channel_bucket=_env_optional("CHANNEL_BUCKET", None),
         )
+
+    def release_channel(self, kind: str):
+        """The :class:`~inspection_refresh.channel.ReleaseChannel` of ``kind`` (``clip``, ``patchcore``), or
+        ``None`` when ``publish_targets`` is ``local``."""
+        if self.publish_targets == "local":
+            return None
+        from inspection_refresh.channel import ReleaseChannel
+        from inspection_refresh.storage import ObjectStorage
+
+        storage = ObjectStorage(self.channel_conn_id or self.storage_conn_id, self.channel_bucket)
+        return ReleaseChannel(storage, kind, self.channel_prefix, keep=self.keep_versions)
+
+    def queue_args(self, *, heavy: bool = False) -> dict[str, str]:
+        """An operator's routing keyword: ``{"queue": name}``, or ``{}`` for Airflow's default queue.
+
+        :param heavy: the task is compute-heavy (CLIP ``embed``, PatchCore ``build``): ``heavy_queue``
+            first, then ``default_queue``.
+        """
+        queue = (self.heavy_queue if heavy else None) or self.default_queue
+        return {"queue": queue} if queue else {}
 
     def index_publisher(self) -> Publisher:
         """Publishes the CLIP indexes (``normal``, ``defect``) under ``index_root``."""
-        return Publisher(self.index_root, keep=self.keep_versions, releases=self.index_releases)
+        return Publisher(self.index_root, keep=self.keep_versions, releases=self.index_releases,
+                         channel=self.release_channel("clip"))
 
     def patchcore_publisher(self) -> Publisher:
         """Publishes the PatchCore banks (one name per product code) under ``patchcore_root``."""
-        return Publisher(self.patchcore_root, keep=self.keep_versions, releases=self.patchcore_releases)
+        return Publisher(self.patchcore_root, keep=self.keep_versions, releases=self.patchcore_releases,
+                         channel=self.release_channel("patchcore"))
 
 
 def get_settings() -> Settings:

@@ -35,6 +35,13 @@ Command line (one-step rollback)::
     inspection-publish list     --root /data/inspection/clip_index --name normal
     inspection-publish rollback --root /data/inspection/clip_index --name normal [--to VERSION]
     inspection-publish unpin    --root /data/inspection/clip_index --name normal
+    inspection-publish push     --root /data/inspection/clip_index --name normal [--to VERSION]
+    inspection-publish pull     [--artefact clip:normal ...] [--watch --interval 60]   (serving hosts)
+
+With a release channel (``INSPECTION_PUBLISH_TARGETS`` = ``channel`` or ``both``, see
+:mod:`inspection_refresh.channel`) publish, rollback, pin and unpin also go to object
+storage: a version is uploaded and the channel's ``current.json`` moved before the local
+swap, and a pin recorded in the channel is a pin for every publisher that shares it.
 """
 
 from __future__ import annotations
@@ -56,9 +63,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inspection_refresh.files import copy_tree_linked, write_json_atomic
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inspection_refresh.channel import ReleaseChannel
 
 log = logging.getLogger(__name__)
 
@@ -166,9 +176,13 @@ class Publisher:
     :param keep: versions kept per name (the live one is always kept).
     :param releases: where versions are kept; on the filesystem of ``root`` and outside
         it. Default: :func:`default_releases_dir`.
+    :param channel: a release channel in object storage that every publish, rollback, pin
+        and unpin also goes to (``None``: this host only).
     """
 
-    def __init__(self, root: str | os.PathLike, keep: int = 5, releases: str | os.PathLike | None = None) -> None:
+    def __init__(self, root: str | os.PathLike, keep: int = 5, releases: str | os.PathLike | None = None,
+                 channel: ReleaseChannel | None = None) -> None:
+        self.channel = channel
         self.root = Path(root)
         self.releases = Path(releases) if releases is not None else default_releases_dir(root)
         self.keep = max(1, keep)
@@ -225,11 +239,13 @@ class Publisher:
             if not isinstance(pin, dict):
                 raise ValueError(f"a JSON {type(pin).__name__}, not an object")
         except FileNotFoundError:
-            return None
+            pin = None
         except (OSError, ValueError) as exc:
             # Not "unpinned": a scheduled run must not overwrite what someone meant to keep.
             raise PublishError(f"the pin file {path} is unreadable ({exc}); remove it with "
                                f"'inspection-publish unpin --root {self.root} --name {name}'") from exc
+        if self.channel is not None:  # pinned from another host sharing the channel
+            return self.channel.read_pin(name) or pin
         return pin
 
     def pin(self, name: str, version: str, by: str | None, run_id: str | None = None) -> dict[str, Any]:
@@ -239,6 +255,8 @@ class Publisher:
         pin = {"version": version, "pinned_by": by, "pinned_at": datetime.now(timezone.utc).isoformat(),
                "run_id": run_id}
         write_json_atomic(self._versions_dir(name) / PIN_FILE, pin)
+        if self.channel is not None:
+            self.channel.write_pin(name, pin)
         log.info("Pinned %s to version %s (by %s)", name, version, by or "unknown")
         return pin
 
@@ -250,6 +268,8 @@ class Publisher:
         except PublishError:
             pin = {"version": None, "unreadable": str(path)}
         path.unlink(missing_ok=True)
+        if self.channel is not None:
+            pin = self.channel.remove_pin(name) or pin
         if pin:
             log.info("Unpinned %s (was %s)", name, describe_pin(pin))
         return pin
@@ -275,6 +295,8 @@ class Publisher:
         self._prepare()
         self._remove_leftovers(name, _SWAP_PREFIX)  # not staging: ours is one of them
         self._adopt_plain_directory(name)
+        if self.channel is not None:  # upload, then move the channel's current.json; a failure leaves all as it was
+            self.channel.publish(name, version, staging, installed_at=target)
         os.rename(staging, target)
         self._point_to(name, version)
         log.info("Published %s version %s at %s", name, version, self.live_path(name))
@@ -302,6 +324,8 @@ class Publisher:
         if to not in kept:
             raise PublishError(f"version {to!r} of {name!r} is not kept; kept versions: {', '.join(kept) or 'none'}")
         self._remove_leftovers(name, _SWAP_PREFIX)
+        if self.channel is not None:  # first: if it fails, nothing changed (the rollback DAG never retries)
+            self.channel.make_current(name, to, self._versions_dir(name) / to, by=pinned_by, run_id=run_id)
         self._point_to(name, to)
         log.info("Rolled %s back from %s to %s", name, live, to)
         if pinned_by is not None:
@@ -455,25 +479,61 @@ def _cli_user() -> str:
         return "cli"
 
 
+def _cli_publisher(root: str, releases: str | None, kind: str | None) -> Publisher:
+    """The Publisher of ``root``, with the release channel when ``INSPECTION_PUBLISH_TARGETS`` includes it:
+    of ``kind``, or of the configured root that ``root`` is (``INSPECTION_INDEX_ROOT``: clip, ...)."""
+    from inspection_refresh.config import get_settings
+
+    settings = get_settings()
+    if kind is None:
+        roots = {os.path.realpath(settings.index_root): "clip", os.path.realpath(settings.patchcore_root): "patchcore"}
+        kind = roots.get(os.path.realpath(root))
+    channel = settings.release_channel(kind) if kind else None
+    return Publisher(root, keep=settings.keep_versions, releases=releases, channel=channel)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["pull"]:  # the node agent has its own options
+        from inspection_refresh.channel import pull_main
+
+        return pull_main(argv[1:])
+    from inspection_refresh.storage import StorageError
+
     parser = argparse.ArgumentParser(prog="inspection-publish",
-                                     description="List, roll back (and pin) or unpin published versions.")
-    parser.add_argument("action", choices=["list", "rollback", "unpin"],
+                                     description="List, roll back (and pin), unpin or push published versions; "
+                                                 "'inspection-publish pull --help': the serving hosts' agent.")
+    parser.add_argument("action", choices=["list", "rollback", "unpin", "push", "pull"],
                         help="rollback also pins the version: scheduled runs leave it alone until it is unpinned "
-                             "or a manual run publishes a new version")
+                             "or a manual run publishes a new version; push: make the live (or --to) version the "
+                             "release channel's current one")
     parser.add_argument("--root", required=True, help="index root or PatchCore root")
     parser.add_argument("--releases", help="where versions are kept (default: <root>.releases beside the root)")
     parser.add_argument("--name", required=True, help="normal, defect, or a product code")
     parser.add_argument("--to", help="version to re-publish (default: the one before the live version)")
+    parser.add_argument("--kind", choices=["clip", "patchcore"],
+                        help="release channel of the root (default: from INSPECTION_INDEX_ROOT / INSPECTION_PATCHCORE_ROOT)")
     args = parser.parse_args(argv)
+    if args.action == "pull":
+        parser.error("'pull' takes its own options and comes first: inspection-publish pull --help")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        publisher = Publisher(args.root, releases=args.releases)
+        publisher = _cli_publisher(args.root, args.releases, args.kind)
         unpin_command = f"inspection-publish unpin --root {args.root} --name {args.name}"
         if args.action == "rollback":
             release = publisher.rollback(args.name, args.to, pinned_by=_cli_user())
             print(f"{args.name}: live version is now {release.version}, pinned: scheduled runs leave it alone "
                   f"until a manual run publishes a new version or '{unpin_command}'")
+        elif args.action == "push":
+            if publisher.channel is None:
+                raise PublishError("no release channel: set INSPECTION_PUBLISH_TARGETS to channel or both "
+                                   "(and --kind unless --root is a configured root)")
+            version = args.to or publisher.current(args.name)
+            if version not in publisher.versions(args.name):
+                raise PublishError(f"{args.name}: version {version} is not kept under {publisher.releases}")
+            publisher.channel.make_current(args.name, version, publisher.releases / args.name / version,
+                                           by=_cli_user(), action="push")
+            print(f"{args.name}: the release channel's current version is now {version}")
         elif args.action == "unpin":
             pin = publisher.unpin(args.name)
             print(f"{args.name}: unpinned (was {describe_pin(pin)})" if pin else f"{args.name}: was not pinned")
@@ -484,10 +544,15 @@ def main(argv: list[str] | None = None) -> int:
             pin = publisher.pinned(args.name)
             if pin:
                 print(f"{args.name} is {describe_pin(pin)}; scheduled runs skip it ('{unpin_command}' to undo)")
+            if publisher.channel is not None:
+                pointer = publisher.channel.pointer(args.name)
+                print(f"release channel {publisher.channel.url(publisher.channel.name_prefix(args.name))}: current "
+                      f"{pointer['version'] if pointer else 'none'}; versions: "
+                      f"{', '.join(publisher.channel.versions(args.name)) or 'none'}")
             live = publisher.current(args.name)
             for version in publisher.versions(args.name):
                 print(f"{'*' if version == live else ' '} {version}")
-    except PublishError as exc:
+    except (PublishError, StorageError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0
