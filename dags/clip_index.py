@@ -8,8 +8,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 from inspection_refresh.airflow_support import (
-    DEFAULT_ARGS, START_DATE, close_deployment_on_failure, fail_permanent_errors, fail_unless_completed,
-    run_identity,
+    APPROVAL_PARAM, DEFAULT_ARGS, START_DATE, PublishApproval, close_deployment_on_failure, fail_permanent_errors,
+    fail_unless_completed, run_identity,
 )
 from inspection_refresh.config import get_settings
 from inspection_refresh.tasks import clip_index as pipeline
@@ -40,12 +40,20 @@ Rebuilds the **{index_type}** similarity index of the defect-inspection service 
    CLIP mean/std, L2-normalised). Embeddings are cached by image content + model, so a rerun only embeds
    new or changed images. Unreadable images are skipped and listed.
 3. **index_save** — writes `faiss_index.bin`, `index_data.pt`, `embeddings.pt`, `metadata.json` and
-   `manifest.json`, checks that every image finds itself first, and publishes the version atomically at
-   `INSPECTION_INDEX_ROOT/{index_type}/`. The last `INSPECTION_KEEP_VERSIONS` versions are kept; roll back
-   with the `deployment_rollback` DAG (artefact `clip:{index_type}`). When the images and the model are
-   those of the live index nothing is published: the run completes with "unchanged, version X stays live".
-4. **register** — closes the `deployment_logs` row (`clip_rebuild`) as completed or failed and emits the
-   asset event `clip_index_{index_type}`.
+   `manifest.json` into a staging version (not live yet) and checks that every image finds itself first.
+4. **approve** — only when **require_approval** is on: waits for a person to **Approve** or **Reject** on
+   this task's **Required actions** page (open the run, the `approve` task, "Required actions"; or the
+   "Required Actions" list under Browse), which shows the image count before/after, the images added and
+   removed, and the self-retrieval check of the new index. Reject (or no answer within the request's
+   timeout: `INSPECTION_APPROVAL_TIMEOUT_MINUTES`, default 240, and never past 20 minutes before the
+   run's 3 h `dagrun_timeout`) keeps the live index, discards the staged version and records the run as
+   failed ("rejected by <user>" / "approval timed out"). Off (the default): passes at once.
+5. **publish** — publishes the staged version atomically at `INSPECTION_INDEX_ROOT/{index_type}/`. The last
+   `INSPECTION_KEEP_VERSIONS` versions are kept; roll back with the `deployment_rollback` DAG (artefact
+   `clip:{index_type}`). When the images and the model are those of the live index nothing is published:
+   the run completes with "unchanged, version X stays live" (and nobody is asked to approve).
+6. **register** — closes the `deployment_logs` row (`clip_rebuild`) as completed or failed (with the
+   approval's decision in `result_data.approval`) and emits the asset event `clip_index_{index_type}`.
 
 A failed run never replaces the live index. Scheduled runs skip the rebuild when the images and the
 model are unchanged since the published index; set **full_rebuild** to ignore all caches and publish
@@ -102,6 +110,9 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
                                         description="Publish even if up to this many images could not be "
                                                     "downloaded after every retry (they are listed in the "
                                                     "deployment record); 0 = all images or no new index."),
+            APPROVAL_PARAM: Param(False, type="boolean", title="Require approval",
+                                  description="Wait for a person to approve the new index (the approve task's "
+                                              "Required actions page) before publishing it."),
         },
     ) as dag:
 
@@ -125,6 +136,14 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
             with fail_permanent_errors():
                 return pipeline.index_save(current_run())
 
+        @task(execution_timeout=timedelta(minutes=10))
+        def publish() -> dict:
+            with fail_permanent_errors():
+                try:
+                    return pipeline.publish(current_run())
+                except NothingToDo as refused:  # not approved
+                    raise AirflowSkipException(str(refused)) from None
+
         @task(trigger_rule="all_done", outlets=[asset], execution_timeout=timedelta(minutes=5))
         def register() -> dict:
             try:
@@ -136,7 +155,11 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
             }
             return outcome
 
-        download() >> embed() >> index_save() >> register()
+        staged = download() >> embed() >> index_save()
+        # Waits only when the run requires approval; its response timeout is set per run (see DOC_MD).
+        approve = PublishApproval(task_id="approve", current_run=current_run, summarize=pipeline.approval_request,
+                                  longest_wait=settings.approval_timeout, execution_timeout=timedelta(minutes=5))
+        staged >> approve >> publish() >> register()
     return dag
 
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 from inspection_refresh.airflow_support import (
-    DEFAULT_ARGS, START_DATE, close_deployment_on_failure, fail_permanent_errors, fail_unless_completed,
-    run_identity,
+    APPROVAL_PARAM, DEFAULT_ARGS, START_DATE, PublishApproval, close_deployment_on_failure, fail_permanent_errors,
+    fail_unless_completed, run_identity,
 )
 from inspection_refresh.config import get_settings
 from inspection_refresh.tasks import patchcore as pipeline
@@ -46,12 +46,22 @@ Per product (the `product` group is mapped, one row per product code in the UI):
    environment: `PRODUCT_CODE`, `OK_DIR`, `OUT_DIR`, `DEFECT_DIRS`, `PATCHCORE_SHORTER`, `PATCHCORE_STRIDE`,
    `PATCHCORE_LAYERS`, `PATCHCORE_CORESET`, `PATCHCORE_WEIGHTS`, `PATCHCORE_DEVICE`, `PYTHON`.
    Builds share the pool `patchcore_build` (create it with `airflow pools set patchcore_build 1 ...`).
-3. **publish** — validates the bank (the service's extraction and the requested weights recorded, shapes, finite values,
+3. **approve** (once for the whole run, after every product's build has ended) — when the run requires
+   approval (**require_approval**, or a scheduled run while `INSPECTION_APPROVE_SCHEDULED_PATCHCORE` is
+   true, the default) it waits for a person to **Approve** or **Reject** on this task's **Required actions**
+   page (open the run, the `approve` task, "Required actions"; or Browse → "Required Actions"). The page
+   lists, per product to publish, images, bank size, AUROC and tau of the live bank → the new one, and the
+   products whose prepare or build failed (they keep their bank whatever the answer). Reject (or no answer
+   within the request's timeout: `INSPECTION_APPROVAL_TIMEOUT_MINUTES`, default 240, never past 20 minutes
+   before the run's 8 h `dagrun_timeout`) publishes nothing, discards the new banks and records the run as
+   failed ("rejected by <user>" / "approval timed out"). Otherwise, and when nothing was built, it passes
+   at once.
+4. **publish** — validates the bank (the service's extraction and the requested weights recorded, shapes, finite values,
    sane tau, config as requested) and publishes it
    atomically. A product whose build fails keeps its previous bank; the others still publish.
 
-**register** writes one `patchcore_create` row in `deployment_logs` with per-product results, `completed`
-only if every product published or was unchanged. A product whose normal images and settings are those
+**register** writes one `patchcore_create` row in `deployment_logs` with per-product results (and the
+approval's decision in `result_data.approval`), `completed` only if every product published or was unchanged. A product whose normal images and settings are those
 of its live bank is not rebuilt (**prepare** is skipped: "unchanged, version X stays live").
 
 Roll back a product with the `deployment_rollback` DAG (artefact = the product code), which also pins it:
@@ -90,6 +100,10 @@ with DAG(
                         enum=pipeline.allowed_scripts(settings), title="Build script",
                         description="Build scripts allowed on the workers (INSPECTION_PATCHCORE_SCRIPTS); "
                                     "the first is the default."),
+        APPROVAL_PARAM: Param(False, type="boolean", title="Require approval",
+                              description="Wait for a person to approve the new banks (the approve task's Required "
+                                          "actions page) before publishing them. Scheduled runs wait unless "
+                                          "INSPECTION_APPROVE_SCHEDULED_PATCHCORE is false."),
     },
 ) as dag:
 
@@ -108,6 +122,13 @@ with DAG(
     def list_products() -> list[dict]:
         with fail_permanent_errors():
             return pipeline.list_products(current_run())
+
+    # One approval for the whole run, once every build has ended (a failed product does not block the others);
+    # it waits only when the run requires approval, with a response timeout set per run (see DOC_MD).
+    approve = PublishApproval(task_id="approve", current_run=current_run, summarize=pipeline.approval_request,
+                              approve_scheduled=settings.approve_scheduled_patchcore,
+                              longest_wait=settings.approval_timeout, trigger_rule="all_done",
+                              execution_timeout=timedelta(minutes=5))
 
     @task_group(group_id="product")
     def product_pipeline(product: dict):
@@ -140,7 +161,10 @@ with DAG(
             context = get_current_context()
             context["product_code"] = product["product_code"]
             with fail_permanent_errors():
-                result = pipeline.publish_product(current_run(), product)
+                try:
+                    result = pipeline.publish_product(current_run(), product)
+                except NothingToDo as refused:  # not approved
+                    raise AirflowSkipException(str(refused)) from None
             # One asset event per published bank, even if another product of the run fails.
             context["outlet_events"][BANKS].add(
                 Asset(name=f"patchcore_bank_{product['product_code']}", group="patchcore_bank"),
@@ -148,7 +172,9 @@ with DAG(
                                                   "accuracy_at_tau")})
             return result
 
-        env >> build >> publish(product)
+        published = publish(product)
+        env >> build >> published
+        build >> approve >> published
 
     @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=5))
     def register() -> dict:

@@ -1,5 +1,5 @@
 """What the DAG files share: default task arguments, run identity, error classification,
-and closing a failed run's deployment record.
+closing a failed run's deployment record, and the approval step before publishing.
 
 Imported at DAG parse time, so it stays light (no torch, open_clip or faiss).
 """
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
+
+from airflow.providers.standard.operators.hitl import ApprovalOperator
 
 from inspection_refresh.publish import PublishError
 from inspection_refresh.storage import StorageError
@@ -164,3 +166,115 @@ def close_open_deployment(dag_id: str, run_id: str, what_happened: str) -> bool:
     if closed:
         log.warning("Deployment record of %s run %s closed as failed: %s", dag_id, run_id, message)
     return closed
+
+
+# ----------------------------------------------------------------------------- approval before publishing
+
+APPROVAL_PARAM = "require_approval"
+"""The DAG param that makes a manual run wait for a person's approval before publishing."""
+APPROVAL_PUBLISH_MARGIN = timedelta(minutes=20)
+"""Time left, after the approval request times out, for publishing and recording before the
+run's ``dagrun_timeout``: the request's own timeout, not the run's, ends an unanswered wait."""
+APPROVAL_MIN_WAIT = timedelta(minutes=5)
+
+
+def approval_required(params: Mapping[str, Any], scheduled: bool, scheduled_default: bool) -> bool:
+    """Whether this run waits for approval: the ``require_approval`` param (manual runs), or for
+    scheduled runs (which run with the params' defaults) ``scheduled_default``."""
+    return bool(params.get(APPROVAL_PARAM)) or (scheduled and scheduled_default)
+
+
+def approval_wait(context: Mapping[str, Any], longest: timedelta, now: datetime | None = None) -> timedelta:
+    """How long the approval request waits: ``longest``, but ending :data:`APPROVAL_PUBLISH_MARGIN`
+    before the run's ``dagrun_timeout`` (counted from the run's start), and at least
+    :data:`APPROVAL_MIN_WAIT` unless ``longest`` is shorter."""
+    wait = longest
+    run_timeout = getattr(context.get("dag"), "dagrun_timeout", None)
+    started = getattr(context.get("dag_run"), "start_date", None)
+    if run_timeout and started:
+        now = now or datetime.now(timezone.utc)
+        left = started + run_timeout - APPROVAL_PUBLISH_MARGIN - now
+        wait = min(longest, max(left, min(APPROVAL_MIN_WAIT, longest)))
+    return wait
+
+
+def _required_actions_link(context: Any) -> str:
+    """`` (<url>)``: the task's Required actions page, when ``[api] base_url`` says where the UI is."""
+    try:
+        return f" ({ApprovalOperator.generate_link_to_ui_from_context(context=context)})"
+    except Exception:  # no base_url configured
+        return ""
+
+
+class PublishApproval(ApprovalOperator):
+    """Airflow's approval step (Approve / Reject) before publishing; passes at once when not required.
+
+    The run requires approval when its ``require_approval`` param is true, or it is a scheduled run
+    and ``approve_scheduled``. Then ``summarize(run)`` describes what would change (an
+    :class:`~inspection_refresh.tasks.approval.ApprovalRequest`, or ``None`` when nothing would be
+    published, which needs no approval), and the task waits in Airflow's ``awaiting_input`` state
+    until someone answers on the task's "Required actions" page (or the HITL REST API), or until the
+    request times out (:func:`approval_wait`). The answer is recorded as the run's ``approve`` stage
+    (:mod:`inspection_refresh.tasks.approval`), which ``publish`` checks and ``register`` reports.
+    Approve: downstream runs. Reject: the task succeeds and skips its downstream ``publish``. No
+    answer in time: the task fails (``HITLTimeoutError``), so ``publish`` does not run either.
+
+    ``current_run`` returns the pipeline's run object (its ``work_dir`` and ``scheduled``); the
+    callables are called inside the task, never at DAG parse time.
+    """
+
+    def __init__(self, *, current_run: Callable[[], Any], summarize: Callable[[Any], Any],
+                 approve_scheduled: bool = False, longest_wait: timedelta = timedelta(hours=4),
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("subject", "Publish this deployment?")  # replaced by the run's summary
+        kwargs.setdefault("retries", 0)  # a retry would ask again: an answer, or its absence, is final
+        kwargs.setdefault("response_timeout", longest_wait)
+        super().__init__(**kwargs)
+        self.current_run = current_run
+        self.summarize = summarize
+        self.approve_scheduled = approve_scheduled
+        self.longest_wait = longest_wait
+
+    def execute(self, context: Any) -> Any:
+        from inspection_refresh.tasks import approval
+
+        run = self.current_run()
+        if not approval_required(context["params"], run.scheduled, self.approve_scheduled):
+            approval.record_decision(run.work_dir, approval.APPROVED, required=False, decision="not required")
+            self.log.info("Approval not required (%s is off): publishing without asking", APPROVAL_PARAM)
+            return {"required": False, "approved": True}
+        try:
+            request = self.summarize(run)
+        except BaseException as exc:
+            approval.record_decision(run.work_dir, approval.FAILED,
+                                     f"could not summarise what would change: {type(exc).__name__}: {exc}")
+            raise
+        if request is None:
+            approval.record_decision(run.work_dir, approval.APPROVED, required=True, decision="nothing to approve")
+            self.log.info("Approval required, but this run would publish nothing: not asking")
+            return {"required": True, "approved": True}
+        self.subject, self.body = request.subject, request.body
+        self.response_timeout = approval_wait(context, self.longest_wait)
+        asked_at = datetime.now(timezone.utc)
+        approval.record_decision(
+            run.work_dir, approval.WAITING, "", required=True, summary=request.summary,
+            asked_at=asked_at.isoformat(), timeout=str(self.response_timeout),
+            timeout_at=(asked_at + self.response_timeout).isoformat())
+        self.log.info("Waiting up to %s for approval on this task's Required actions page%s:\n%s\n\n%s",
+                      self.response_timeout, _required_actions_link(context), request.subject, request.body)
+        return super().execute(context)  # writes the request, parks the task in awaiting_input
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        from inspection_refresh.tasks import approval
+
+        work_dir = self.current_run().work_dir
+        if "error" in event:
+            if event.get("error_type") == "timeout":
+                approval.record_timeout(work_dir, event.get("error"))
+            else:
+                approval.record_decision(work_dir, approval.FAILED, f"the approval step failed: {event.get('error')}")
+            return super().execute_complete(context, event)  # raises HITLTimeoutError / HITLTriggerEventError
+        chosen = (event.get("chosen_options") or [None])[0]
+        approval.record_answer(work_dir, chosen, event.get("responded_by_user"), event.get("responded_at"),
+                               approve_option=self.APPROVE)
+        return super().execute_complete(context, event)  # on Reject: skips the downstream publish

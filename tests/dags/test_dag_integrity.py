@@ -44,7 +44,7 @@ def test_conventions(dagbag):
 
 def test_clip_dags_come_from_one_factory(dagbag):
     normal, defect = dagbag.dags["clip_index_normal"], dagbag.dags["clip_index_defect"]
-    assert [t.task_id for t in normal.tasks] == ["download", "embed", "index_save", "register"]
+    assert [t.task_id for t in normal.tasks] == ["download", "embed", "index_save", "approve", "publish", "register"]
     assert [t.task_id for t in defect.tasks] == [t.task_id for t in normal.tasks]
     assert normal.params["prefix"] == "images/normal/" and defect.params["prefix"] == "images/defect/"
     assert normal.get_task("download").retries == 3 and normal.get_task("download").retry_exponential_backoff
@@ -116,3 +116,24 @@ def test_parsing_dag_files_does_not_import_heavy_libraries():
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert set(result["dags"]) == EXPECTED_DAGS
     assert result["heavy"] == []
+
+
+def test_an_optional_approval_step_comes_before_every_publish(dagbag):
+    from inspection_refresh.airflow_support import APPROVAL_PARAM, PublishApproval
+
+    for dag_id, publish_id in (("clip_index_normal", "publish"), ("clip_index_defect", "publish"),
+                               ("patchcore_memory_bank", "product.publish")):
+        dag = dagbag.dags[dag_id]
+        assert dag.params[APPROVAL_PARAM] is False, f"{dag_id}: approval must be off unless asked for"
+        approve = dag.get_task("approve")
+        assert isinstance(approve, PublishApproval) and approve.retries == 0
+        assert approve.response_timeout is not None and approve.execution_timeout is not None
+        assert approve.downstream_task_ids == {publish_id}
+        assert "approve" in dag.get_task(publish_id).upstream_task_ids
+        assert "Required actions" in dag.doc_md
+    assert dagbag.dags["clip_index_normal"].get_task("approve").upstream_task_ids == {"index_save"}
+    patchcore_approve = dagbag.dags["patchcore_memory_bank"].get_task("approve")
+    assert patchcore_approve.upstream_task_ids == {"product.build"}
+    assert patchcore_approve.trigger_rule == "all_done"  # one failed product does not block the others
+    # each product still publishes only after its own build succeeded
+    assert "product.build" in dagbag.dags["patchcore_memory_bank"].get_task("product.publish").upstream_task_ids

@@ -1,8 +1,12 @@
-"""The CLIP index pipeline as plain functions: download -> embed -> index_save -> register.
+"""The CLIP index pipeline as plain functions: download -> embed -> index_save -> (approve) -> publish -> register.
 
 Each function is one Airflow task of ``clip_index_normal`` / ``clip_index_defect``
 and can be called without a scheduler. They hand each other small dicts (XCom);
 bulk data (image lists, vectors) stays in the run's work directory on disk.
+``index_save`` writes and verifies the new version in a staging directory, the
+``approve`` task (``airflow_support.PublishApproval``, shown :func:`approval_request`)
+lets a person approve or reject it when the run requires that, and ``publish``
+makes the staged version live.
 """
 
 from __future__ import annotations
@@ -20,20 +24,21 @@ from inspection_refresh.config import Settings, get_settings
 from inspection_refresh.files import link_or_copy
 from inspection_refresh.images import parse_image_key, reject_reason
 from inspection_refresh.progress import counted
-from inspection_refresh.publish import Publisher, describe_pin, new_version_id
+from inspection_refresh.publish import Publisher, PublishError, describe_pin, new_version_id
 from inspection_refresh.registry import DeploymentRegistry, RegistryError
 from inspection_refresh.storage import ObjectInfo, ObjectStorage, StorageError, plan_mirror, require_complete
 from inspection_refresh.tasks.common import (
     NothingToDo, cap_list, prune_run_work_dirs, read_json, recorded_outcome, remove_run_work_dir, run_work_dir,
     unpin_hint, write_json,
 )
+from inspection_refresh.tasks import approval
 from inspection_refresh.tasks.stages import first_failure, read_stages, record_stage
 
 log = logging.getLogger(__name__)
 
 DEPLOY_TYPE = "clip_rebuild"
 PIPELINE = "clip"
-STAGES = ["download", "embed", "index_save"]
+STAGES = ["download", "embed", "index_save", approval.STAGE, "publish"]
 INDEX_TYPES = ("normal", "defect")
 
 
@@ -232,7 +237,12 @@ def _product_lookup(run: ClipRun) -> dict[int, Any]:
 
 
 def index_save(run: ClipRun) -> dict[str, Any]:
-    """Write every service format into a staging version, verify it, publish it atomically."""
+    """Write every service format into a staging version and verify it; ``publish`` makes it live.
+
+    Records the staged version (``staging``, ``version``, ``count``, ``dim`` and the self-retrieval
+    check) for the approval step and ``publish``. When the images and the model are those of the
+    live index nothing is staged (``unchanged``).
+    """
     import numpy as np
 
     from inspection_refresh.clip.index import verify_index, write_index_files
@@ -245,7 +255,7 @@ def index_save(run: ClipRun) -> dict[str, Any]:
             stage.facts = {"unchanged": True, "version": run.publisher.current(run.index_type),
                            "path": str(run.publisher.live_path(run.index_type)), "count": live.get("count"),
                            "dim": live.get("dim")}
-            log.info("Same images and model as the live %s index: version %s stays live, nothing published",
+            log.info("Same images and model as the live %s index: version %s stays live, nothing to publish",
                      run.index_type, stage.facts["version"])
             return dict(stage.facts)
         inventory_doc = read_json(run.work_dir / "inventory.json")
@@ -256,7 +266,7 @@ def index_save(run: ClipRun) -> dict[str, Any]:
 
         publisher = run.publisher
         version = new_version_id()
-        staging = publisher.stage(run.index_type)
+        staging = publisher.stage(run.index_type)  # also removes what an interrupted try left
         final_dir = staging.parent / version  # where the staging dir will live once published
         try:
             gallery_paths, metadata = [], []
@@ -282,17 +292,124 @@ def index_save(run: ClipRun) -> dict[str, Any]:
                 },
             )
             verified = verify_index(staging)
+            # A run an operator ended while this wrote has nothing to stage for.
             refuse_publishing_if_run_ended(run.dag_id, run.run_id, f"{run.index_type} index version {version}")
-            # A manual run replaces a rollback's pin; a scheduled one never publishes over it.
-            release = publisher.publish(run.index_type, staging, version, unpin=not run.scheduled)
         except BaseException:
             publisher.discard(staging)
             raise
-        stage.facts = {"version": release.version, "path": str(publisher.live_path(run.index_type)),
-                       "count": manifest["count"], "dim": manifest["dim"], "verified": bool(verified)}
+        stage.facts = {"version": version, "staging": str(staging), "count": manifest["count"],
+                       "dim": manifest["dim"], "verified": bool(verified),
+                       "self_top1": verified.get("self_top1"), "ties": verified.get("ties")}
+        log.info("Staged %s index version %s: %d images, dim %d, every image finds itself first (%d exact-"
+                 "duplicate ties); publish makes it live", run.index_type, version, manifest["count"],
+                 manifest["dim"], verified.get("ties", 0))
+        return {k: v for k, v in stage.facts.items() if k != "staging"}
+
+
+def _live_image_urls(run: ClipRun) -> set[str] | None:
+    """The storage URLs of the images in the live index (its ``metadata.json``), or None."""
+    try:
+        records = read_json(run.publisher.live_path(run.index_type) / "metadata.json")["metadata"]
+        return {r["storage_url"] for r in records if isinstance(r, dict) and r.get("storage_url")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def approval_request(run: ClipRun) -> approval.ApprovalRequest | None:
+    """What the approver sees before ``publish``: image count before/after (and which images come
+    and go), the self-retrieval check of the staged index, what was skipped; ``None`` when the
+    run would publish nothing (unchanged index)."""
+    saved = read_json(run.work_dir / "stage-index_save.json")["facts"]
+    if saved.get("unchanged"):
+        return None
+    downloaded = read_json(run.work_dir / "stage-download.json")["facts"]
+    embedded = read_json(run.work_dir / "stage-embed.json")["facts"]
+    live_version = run.publisher.current(run.index_type)
+    live = published_manifest(run) if live_version else None
+    before = live.get("count") if live else None
+    after = saved["count"]
+    new_urls = set(read_json(run.work_dir / "inventory.json")["storage_urls"].values())
+    old_urls = _live_image_urls(run) if live else set()
+    added = sorted(new_urls - old_urls) if old_urls is not None else []
+    removed = sorted(old_urls - new_urls) if old_urls is not None else []
+    ties = saved.get("ties") or 0
+    summary = {
+        "index_type": run.index_type, "live_version": live_version, "new_version": saved["version"],
+        "images_before": before, "images_after": after,
+        "images_added": len(added), "images_removed": len(removed),
+        "self_retrieval": {"checked": after, "found_themselves_first": saved.get("self_top1", after),
+                           "exact_duplicate_ties": ties, "passed": bool(saved.get("verified"))},
+        "dim_before": live.get("dim") if live else None, "dim_after": saved.get("dim"),
+        "model": f"{run.model} / {run.pretrained}",
+        "skipped_objects": downloaded.get("num_skipped", 0), "unreadable_images": embedded.get("num_unreadable", 0),
+        "missing_images": downloaded.get("num_missing", 0), "random_weights": embedded.get("random_weights", False),
+    }
+    delta = f" ({after - before:+d})" if before is not None else ""
+    lines = [
+        f"**{run.dag_id}** would publish **{run.index_type}** index version `{saved['version']}`"
+        + (f", replacing the live version `{live_version}`." if live_version else " (no index is live yet)."),
+        "",
+        approval.markdown_table(["", f"Live ({live_version or 'none'})", f"New ({saved['version']})"], [
+            ["Images", before, f"{after}{delta}"],
+            ["Embedding dim", summary["dim_before"], summary["dim_after"]],
+            ["Model", (live or {}).get("model") and f"{live.get('model')} / {live.get('pretrained')}", summary["model"]],
+        ]),
+        "",
+        f"Images added: {len(added)}, removed: {len(removed)}"
+        + (f" (added: {', '.join(u.rsplit('/', 1)[-1] for u in added[:10])}{' …' if len(added) > 10 else ''})"
+           if added else "")
+        + (f" (removed: {', '.join(u.rsplit('/', 1)[-1] for u in removed[:10])}{' …' if len(removed) > 10 else ''})"
+           if removed else ""),
+        "",
+        f"**Self-retrieval check: {'passed' if saved.get('verified') else 'NOT passed'}** — every one of the {after} "
+        f"images finds itself first ({ties} exact-duplicate ties).",
+        f"Skipped objects: {summary['skipped_objects']}, unreadable images: {summary['unreadable_images']}, "
+        f"missing (not downloaded): {summary['missing_images']}.",
+    ]
+    if summary["random_weights"]:
+        lines += ["", "⚠ Embedded with RANDOM weights (demo/test checkpoint): similarity scores are meaningless."]
+    lines += ["", f"**Approve** publishes it. **Reject** keeps "
+                  f"{'version ' + live_version if live_version else 'nothing'} live and discards the new version."]
+    subject = (f"Publish {run.index_type} index version {saved['version']}: {after} images"
+               + (f" (live: {before})" if before is not None else ""))
+    return approval.ApprovalRequest(subject=subject, body="\n".join(lines), summary=summary)
+
+
+def publish(run: ClipRun) -> dict[str, Any]:
+    """Make the version ``index_save`` staged live, atomically, if the approval step allowed it.
+
+    An unchanged index publishes nothing ("version X stays live"). Raises :class:`NothingToDo`
+    when the approval step rejected the version (or did not answer); its staging directory is
+    left for ``register`` to discard, so a retried publish can still use it.
+    """
+    with record_stage(run.work_dir, "publish") as stage:
+        saved = read_json(run.work_dir / "stage-index_save.json")["facts"]
+        if saved.get("unchanged"):
+            stage.facts = dict(saved)
+            log.info("Nothing to publish: version %s of the %s index stays live", saved["version"], run.index_type)
+            return dict(stage.facts)
+        version, staging = saved["version"], Path(saved["staging"])
+        what = f"{run.index_type} index version {version}"
+        approval.require_approved(run.work_dir, what)
+        if not staging.is_dir():
+            raise PublishError(f"the staged {what} at {staging} is gone; rerun the DAG")
+        refuse_publishing_if_run_ended(run.dag_id, run.run_id, what)
+        # A manual run replaces a rollback's pin; a scheduled one never publishes over it.
+        release = run.publisher.publish(run.index_type, staging, version, unpin=not run.scheduled)
+        stage.facts = {"version": release.version, "path": str(run.publisher.live_path(run.index_type)),
+                       "count": saved["count"], "dim": saved["dim"], "verified": saved.get("verified")}
         log.info("Published %s index version %s: %d images, dim %d, at %s", run.index_type, release.version,
-                 manifest["count"], manifest["dim"], publisher.live_path(run.index_type))
+                 saved["count"], saved["dim"], stage.facts["path"])
         return dict(stage.facts)
+
+
+def discard_unpublished(run: ClipRun, records: dict[str, dict[str, Any]]) -> None:
+    """Remove the version ``index_save`` staged if ``publish`` did not make it live (rejected,
+    timed out, failed): a staged version is never left behind by a finished run."""
+    staging = records["index_save"]["facts"].get("staging")
+    if staging and records["publish"]["status"] != "ok" and Path(staging).exists():
+        log.info("Discarding the unpublished staged version %s", staging)
+        run.publisher.discard(staging)
 
 
 def _metadata_record(row: int, key: str, local_path: str, storage_url: str, products: dict[int, Any]) -> dict:
@@ -347,15 +464,17 @@ def register(run: ClipRun) -> dict[str, Any]:
             return recorded
     if records["download"]["status"] == "skipped":
         raise NothingToDo(records["download"]["message"])
+    discard_unpublished(run, records)
     failure = first_failure(records)
-    downloaded, embedded, saved = (records[s]["facts"] for s in STAGES)
+    downloaded, embedded, staged = (records[s]["facts"] for s in ("download", "embed", "index_save"))
+    saved = records["publish"]["facts"]  # what is live after this run: published, or unchanged
     result_data = {
         "index_type": run.index_type,
         "source_prefix": run.prefix,
         "model": run.model,
         "pretrained": run.pretrained,
         "random_weights": embedded.get("random_weights", False),
-        "num_images": saved.get("count", embedded.get("images")),
+        "num_images": saved.get("count", staged.get("count", embedded.get("images"))),
         "embedding_dim": embedded.get("embedding_dim"),
         "embedded": embedded.get("embedded"),
         "cached": embedded.get("cached"),
@@ -371,6 +490,8 @@ def register(run: ClipRun) -> dict[str, Any]:
         "version": saved.get("version"),
         "unchanged": bool(saved.get("unchanged")),
         "index_path": saved.get("path"),
+        "staged_version": None if staged.get("unchanged") else staged.get("version"),
+        "approval": approval.decision_facts(records[approval.STAGE]),
         "processing_time": round(sum(r.get("seconds", 0) for r in records.values()), 2),
         "stages": {s: r["status"] for s, r in records.items()},
     }
@@ -378,8 +499,13 @@ def register(run: ClipRun) -> dict[str, Any]:
         stage, message = failure
         status = "failed"
         live = run.publisher.current(run.index_type)
-        text = (f"{run.index_type} index rebuild failed at {stage}: {message}. "
-                f"The live index is unchanged ({'version ' + live if live else 'none published yet'}).")
+        unchanged = f"The live index is unchanged ({'version ' + live if live else 'none published yet'})."
+        blocked = approval.blocked_message(records[approval.STAGE]) if stage == approval.STAGE else None
+        if blocked:
+            text = (f"{run.index_type} index version {staged.get('version')} was not published: {blocked}. "
+                    f"The staged version was discarded. {unchanged}")
+        else:
+            text = f"{run.index_type} index rebuild failed at {stage}: {message}. {unchanged}"
     elif saved.get("unchanged"):
         status = "completed"
         text = (f"{run.index_type} index unchanged, version {saved['version']} stays live: the same "

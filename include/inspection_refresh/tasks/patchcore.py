@@ -1,7 +1,9 @@
 """The PatchCore pipeline as plain functions, one per Airflow task of ``patchcore_memory_bank``.
 
 ``list_products`` -> per product: ``prepare_product`` (download) -> build (``build_patchcore.sh``
-via BashOperator) -> ``publish_product`` (validate + atomic publish) -> ``register``.
+via BashOperator) -> one ``approve`` step for the whole run (``airflow_support.PublishApproval``,
+showing :func:`approval_request`; passes at once unless the run requires approval) -> per product:
+``publish_product`` (validate + atomic publish) -> ``register``.
 
 Every product has its own stage records, so one product's failure never stops
 the others from publishing, and the history row names what failed and why.
@@ -33,6 +35,7 @@ from inspection_refresh.tasks.common import (
     NothingToDo, cap_list, prune_run_work_dirs, read_json, recorded_outcome, remove_run_work_dir, run_work_dir,
     unpin_hint, write_json,
 )
+from inspection_refresh.tasks import approval
 from inspection_refresh.tasks.stages import record_stage
 
 log = logging.getLogger(__name__)
@@ -329,6 +332,8 @@ def publish_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any
     code = product["product_code"]
     with record_stage(run.product_dir(code), "publish") as stage:
         staging = Path(read_json(run.product_dir(code) / "stage-download.json")["facts"]["staging"])
+        # Not approved: NothingToDo (the task is skipped); register discards the staged bank.
+        approval.require_approved(run.work_dir, f"the bank of {code}")
         try:
             facts = validate_bank(staging, run.expected_config())
             copy_tree_linked(run.settings.cache_root / PIPELINE / code / "ok", staging / "ok",
@@ -344,6 +349,108 @@ def publish_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any
         stage.facts = {**summary, **facts, "version": release.version, "path": str(run.publisher.live_path(code))}
         log.info("Product %s: bank version %s published at %s", code, release.version, stage.facts["path"])
         return stage.facts
+
+
+def _bank_numbers(bank_dir: Path) -> dict[str, Any] | None:
+    """Images, bank size, AUROC and tau of a bank directory (live or staged), from its JSON files."""
+    from inspection_refresh.patchcore.bank import CONFIG_FILE, TAU_FILE
+
+    try:
+        config = read_json(bank_dir / CONFIG_FILE)
+        tau = read_json(bank_dir / TAU_FILE)
+    except (OSError, ValueError):
+        return None
+    images = config.get("num_images")
+    if images is None and (bank_dir / "ok").is_dir():
+        images = sum(1 for p in (bank_dir / "ok").iterdir() if p.is_file())
+    return {"images": images, "bank_size": config.get("bank_size"), "feature_dim": config.get("feature_dim"),
+            "auroc": (config.get("calibration") or {}).get("auroc"), "tau": tau}
+
+
+def _awaiting_publish(run: PatchcoreRun, product: dict[str, Any]) -> tuple[str, str | None]:
+    """Where a product stands once its build ended: ``("built", None)`` with a bank staged,
+    ``("unchanged", version)``, or ``("failed", "<stage>: <reason>")``."""
+    directory = run.product_dir(product["product_code"])
+    path = directory / "stage-download.json"
+    record = read_json(path) if path.exists() else None
+    if record is None:
+        return "failed", "download: the prepare task did not run"
+    if record["status"] == "skipped":
+        return "unchanged", record["facts"].get("unchanged")
+    if record["status"] != "ok":
+        return "failed", f"download: {record['message']}"
+    build_log = directory / "build.log"
+    log_text = build_log.read_text(errors="replace") if build_log.exists() else ""
+    summary = parse_build_summary(log_text) or {}
+    staging = Path(record["facts"].get("staging", ""))
+    if summary.get("status") == "completed" and (staging / "bank_config.json").is_file():
+        return "built", None
+    error = (summary.get("error") or _last_error_line(log_text)) if log_text else "the build task did not finish"
+    return "failed", f"build: {error}"
+
+
+def _change(before: dict[str, Any] | None, after: dict[str, Any] | None, key: str, digits: int) -> str:
+    """``live → new`` of one number of :func:`_bank_numbers` (``tau.image``: a key of ``tau``)."""
+    def value(numbers: dict[str, Any] | None) -> str:
+        found: Any = numbers or {}
+        for part in key.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        return "none" if found is None else f"{found:.{digits}f}" if isinstance(found, float) else str(found)
+    return f"{value(before)} → {value(after)}" if before else value(after)
+
+
+def approval_request(run: PatchcoreRun) -> approval.ApprovalRequest | None:
+    """What the approver sees before the products publish: per product to publish, images, bank
+    size, AUROC and tau of the live bank and of the new one; the products that failed (they keep
+    their bank whatever the answer), unchanged and pinned ones. ``None`` when no bank was built."""
+    listed_path = run.work_dir / "products.json"
+    if not listed_path.exists():
+        return None
+    listed = read_json(listed_path)
+    built, unchanged, failed = {}, {}, {}
+    for product in listed["products"]:
+        code = product["product_code"]
+        state, detail = _awaiting_publish(run, product)
+        if state == "unchanged":
+            unchanged[code] = detail
+        elif state == "failed":
+            failed[code] = detail
+        else:
+            staging = Path(read_json(run.product_dir(code) / "stage-download.json")["facts"]["staging"])
+            live_version = run.publisher.current(code)
+            built[code] = {"live_version": live_version,
+                           "before": _bank_numbers(run.publisher.live_path(code)) if live_version else None,
+                           "after": _bank_numbers(staging)}
+    if not built:
+        return None
+    rows = [[code, numbers["live_version"] or "none",
+             *(_change(numbers["before"], numbers["after"], key, digits)
+               for key, digits in (("images", 0), ("bank_size", 0), ("auroc", 3), ("tau.image", 4), ("tau.pixel", 4)))]
+            for code, numbers in built.items()]
+    lines = [
+        f"**{run.dag_id}** would publish a new PatchCore bank for {len(built)} product(s): {', '.join(built)}. "
+        "Values are live → new (held-out AUROC; tau as in `tau.json`).",
+        "",
+        approval.markdown_table(["Product", "Live version", "Images", "Bank size", "AUROC", "tau image",
+                                 "tau pixel"], rows),
+    ]
+    if failed:
+        lines += ["", f"**Failed ({len(failed)})** — not published whatever the answer; each keeps its live bank:"]
+        lines += [f"- {code} at {detail}" for code, detail in failed.items()]
+    if unchanged:
+        lines += ["", "Unchanged (nothing to publish): " + ", ".join(f"{c} (version {v})" for c, v in unchanged.items())]
+    if listed.get("pinned"):
+        lines += ["", "Left out (pinned): " + ", ".join(listed["pinned"])]
+    if run.weights == "random":
+        lines += ["", "⚠ Built with RANDOM backbone weights (demo/test only)."]
+    lines += ["", "**Approve** publishes every bank in the table. **Reject** publishes none: each product keeps "
+                  "its live bank and the new banks are discarded."]
+    summary = {"products": built, "failed": failed, "unchanged": unchanged, "pinned": sorted(listed.get("pinned", {})),
+               "settings": {"coreset": run.coreset, "shorter": run.shorter, "stride": run.stride,
+                            "layers": list(run.layers), "weights": run.weights}}
+    subject = (f"Publish PatchCore banks of {', '.join(built)}"
+               + (f" ({len(failed)} other product(s) failed)" if failed else ""))
+    return approval.ApprovalRequest(subject=subject, body="\n".join(lines), summary=summary)
 
 
 def _product_outcome(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any]:
@@ -368,6 +475,11 @@ def _product_outcome(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, An
     if not records["download"] or records["download"]["status"] != "ok":
         reason = records["download"]["message"] if records["download"] else "download did not run"
         return {**outcome, "status": "failed", "stage": "download", "error": reason}
+    blocked = approval.blocked_message(approval.read_decision(run.work_dir))
+    built = summary.get("status") == "completed"
+    if blocked and built and (not records["publish"] or records["publish"]["status"] == "skipped"):
+        return {**outcome, "status": "failed", "stage": "approve", "error": blocked, "not_approved": True,
+                **{k: summary.get(k) for k in ("bank_size", "feature_dim", "tau", "auroc")}}
     if records["publish"]:
         return {**outcome, "status": "failed", "stage": "validate/publish", "error": records["publish"]["message"]}
     if summary.get("status") == "ok" or not log_text:
@@ -418,8 +530,17 @@ def register(run: PatchcoreRun) -> dict[str, Any]:
         status, text = "failed", f"no products were built: {reason}"
     elif failed:
         status = "failed"
-        text = (f"{len(failed)} of {len(results)} products failed: "
-                + "; ".join(f"{code} at {r['stage']}: {r['error']}" for code, r in failed.items())
+        not_approved = [code for code, r in failed.items() if r.get("not_approved")]
+        others = {code: r for code, r in failed.items() if code not in not_approved}
+        parts = []
+        if not_approved:
+            parts.append(f"Not published ({failed[not_approved[0]]['error']}): {', '.join(not_approved)} "
+                         f"keep{'s' if len(not_approved) == 1 else ''} the live bank; the new "
+                         f"bank{'s were' if len(not_approved) > 1 else ' was'} discarded")
+        if others:
+            parts.append(f"{len(others)} of {len(results)} products failed: "
+                         + "; ".join(f"{code} at {r['stage']}: {r['error']}" for code, r in others.items()))
+        text = (". ".join(parts)
                 + (f". Published: {', '.join(published)}." if published else ". Nothing was published.")
                 + " Failed products keep their previous bank.")
     else:
@@ -434,7 +555,8 @@ def register(run: PatchcoreRun) -> dict[str, Any]:
         text += ". Left out (pinned): " + "; ".join(f"{code} {describe_pin(pin)}" for code, pin in pinned.items())
     if run.weights == "random":
         text += " — RANDOM backbone weights (demo/test only)"
-    result_data = {"products": results, "pinned": pinned, "settings": {
+    result_data = {"products": results, "pinned": pinned,
+                   "approval": approval.decision_facts(approval.read_decision(run.work_dir)), "settings": {
         "coreset": run.coreset, "shorter": run.shorter, "stride": run.stride, "layers": list(run.layers),
         "weights": run.weights, "script": str(run.script or BUNDLED_SCRIPT)}}
     deploy_id = None

@@ -1,0 +1,141 @@
+"""The optional approval step before publishing: what a person is asked, and what they answered.
+
+Each deployment DAG has an ``approve`` task (:class:`inspection_refresh.airflow_support.PublishApproval`)
+between building and publishing. When the run requires approval it asks through Airflow's
+human-in-the-loop step (the task's "Required actions" in the UI); otherwise it passes at once.
+Either way it records the run's ``approve`` stage here, beside the other stage records:
+
+- ``ok`` — approved (``decision``: ``approved``, ``by``: who), not required, or nothing to approve;
+- ``waiting`` — asked, no answer yet (what a run that ended meanwhile leaves);
+- ``rejected`` — a person rejected it: the message is "rejected by <user>";
+- ``timed_out`` — nobody answered within the request's timeout;
+- ``failed`` — the step itself failed (e.g. the summary could not be built).
+
+``publish`` refuses to publish unless the record says ``ok``, and ``register`` writes the
+decision into the deployment row. Nothing here imports Airflow.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from inspection_refresh.tasks.common import NothingToDo, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+STAGE = "approve"
+APPROVED = "ok"
+WAITING = "waiting"
+REJECTED = "rejected"
+TIMED_OUT = "timed_out"
+FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class ApprovalRequest:
+    """What the approver is shown: a subject line, a Markdown body, and the same numbers as data."""
+
+    subject: str
+    body: str
+    summary: dict[str, Any] = field(default_factory=dict)
+    """Saved in the stage record (and so in the deployment row's ``approval``)."""
+
+
+def record_path(work_dir: Path) -> Path:
+    return Path(work_dir) / f"stage-{STAGE}.json"
+
+
+def read_decision(work_dir: Path) -> dict[str, Any] | None:
+    """The run's ``approve`` stage record, or ``None`` if the step has not run."""
+    path = record_path(work_dir)
+    return read_json(path) if path.exists() else None
+
+
+def record_decision(work_dir: Path, status: str, message: str = "", **facts: Any) -> dict[str, Any]:
+    """Save the ``approve`` stage record, keeping the facts an earlier save of this run recorded
+    (the summary the approver saw stays beside the answer)."""
+    previous = read_decision(work_dir) or {}
+    record = {"stage": STAGE, "status": status, "message": message, "seconds": 0.0,
+              "facts": {**previous.get("facts", {}), **facts}}
+    write_json(record_path(work_dir), record)
+    return record
+
+
+def responder_name(user: Any) -> str:
+    """Who answered, from the HITL response's ``responded_by_user`` (``{"id", "name"}``)."""
+    if isinstance(user, dict):
+        return str(user.get("name") or user.get("id") or "an unknown user")
+    return str(user) if user else "an unknown user"
+
+
+def record_answer(work_dir: Path, chosen: str | None, user: Any, responded_at: Any,
+                  approve_option: str = "Approve") -> dict[str, Any]:
+    """Record a person's answer to the approval request."""
+    who = responder_name(user)
+    at = responded_at.isoformat() if isinstance(responded_at, datetime) else responded_at
+    if chosen == approve_option:
+        log.info("Publishing approved by %s", who)
+        return record_decision(work_dir, APPROVED, "", required=True, decision="approved", by=who, at=at)
+    log.warning("Publishing rejected by %s: nothing is published, the live version stays", who)
+    return record_decision(work_dir, REJECTED, f"rejected by {who}", required=True, decision="rejected",
+                           by=who, at=at)
+
+
+def record_timeout(work_dir: Path, error: str | None = None) -> dict[str, Any]:
+    """Record that nobody answered before the request's timeout."""
+    previous = (read_decision(work_dir) or {}).get("facts", {})
+    waited = previous.get("timeout")
+    message = (f"approval timed out: nobody approved or rejected publishing within {waited or 'the timeout'}"
+               f" (asked at {previous.get('asked_at', '?')})")
+    log.warning("%s%s", message, f" ({error})" if error else "")
+    return record_decision(work_dir, TIMED_OUT, message, required=True, decision="timed out",
+                           at=datetime.now(timezone.utc).isoformat())
+
+
+def is_approved(work_dir: Path) -> bool:
+    record = read_decision(work_dir)
+    return bool(record) and record["status"] == APPROVED
+
+
+def require_approved(work_dir: Path, what: str) -> None:
+    """Raise :class:`NothingToDo` unless the run's approval step let ``what`` be published.
+
+    ``what`` names the artefact for the message (e.g. "normal index version X").
+    """
+    record = read_decision(work_dir)
+    if record is None:
+        raise NothingToDo(f"{what} is not published: the run's approval step did not run")
+    if record["status"] != APPROVED:
+        raise NothingToDo(f"{what} is not published: {record['message'] or record['status']}")
+
+
+def decision_facts(record: dict[str, Any] | None) -> dict[str, Any]:
+    """The approval part of a deployment row's ``result_data``."""
+    if not record:
+        return {"status": "not run"}
+    facts = record.get("facts", {})
+    keep = ("required", "decision", "by", "at", "asked_at", "timeout", "summary")
+    return {"status": record["status"], **{k: facts[k] for k in keep if k in facts}}
+
+
+def blocked_message(record: dict[str, Any] | None) -> str | None:
+    """Why the approval step stopped publishing ("rejected by alice", "approval timed out ..."),
+    or ``None`` if it did not stop it."""
+    if record is None or record["status"] == APPROVED:
+        return None
+    if record["status"] == WAITING:
+        return "the approval step did not finish (the run ended while it waited for an answer)"
+    return record["message"] or f"the approval step ended {record['status']}"
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    """A small Markdown table for the approval request's body."""
+    def cell(value: Any) -> str:
+        return "—" if value is None else str(value).replace("|", "\\|")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
