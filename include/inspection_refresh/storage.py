@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -70,6 +71,10 @@ class UnsafeKeyError(StorageError):
     """An object key would land outside the target directory (``..``, absolute, ...)."""
 
 
+class ObjectNotFoundError(StorageError):
+    """The object does not exist (``NoSuchKey``); never transient."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """One listed object."""
@@ -77,6 +82,8 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    last_modified: datetime | None = field(default=None, compare=False)
+    """When the object was last written, as the listing says (``None`` when not listed)."""
 
     @property
     def is_folder_marker(self) -> bool:
@@ -140,6 +147,23 @@ def require_complete(*results: SyncResult, allowed_missing: int = 0, hint: str =
     return [key for key, _ in failed]
 
 
+def is_safe_relative_key(relative: str) -> bool:
+    """Whether ``relative`` (a key below a prefix) names a path inside a directory.
+
+    Refused: empty, ``..``, ``.`` or empty segments, an absolute or Windows path
+    (``/x``, ``\\``, ``C:``) and NUL bytes.
+    """
+    parts = relative.split("/")
+    return not (
+        not relative
+        or relative.startswith("/")
+        or "\\" in relative
+        or "\x00" in relative
+        or any(p in ("", ".", "..") for p in parts)
+        or (len(parts[0]) >= 2 and parts[0][1] == ":")
+    )
+
+
 def local_path_for_key(key: str, prefix: str, local_dir: Path) -> Path:
     """Map ``prefix + relative`` to ``local_dir / relative``, refusing any escape.
 
@@ -149,15 +173,7 @@ def local_path_for_key(key: str, prefix: str, local_dir: Path) -> Path:
     if not key.startswith(prefix):
         raise UnsafeKeyError(f"object key {key!r} is not under prefix {prefix!r}")
     relative = key[len(prefix):]
-    parts = relative.split("/")
-    if (
-        not relative
-        or relative.startswith("/")
-        or "\\" in relative
-        or "\x00" in relative
-        or any(p in ("", ".", "..") for p in parts)
-        or (len(parts[0]) >= 2 and parts[0][1] == ":")
-    ):
+    if not is_safe_relative_key(relative):
         raise UnsafeKeyError(
             f"refusing object key {key!r}: it would be written outside {local_dir} "
             "(keys must not contain '..', '.', empty or absolute segments); rename the object"
@@ -278,7 +294,9 @@ class ObjectStorage:
             hint = f"{code or 'error'}: {exc}"
         else:
             hint = f"{type(exc).__name__}: {exc}"
-        return StorageError(f"{what} {where} failed: {hint}", transient=_is_transient(exc))
+        missing = key is not None and code in ("NoSuchKey", "404")
+        error = ObjectNotFoundError if missing else StorageError
+        return error(f"{what} {where} failed: {hint}", transient=_is_transient(exc))
 
     # -- the service's ObjectStorageManager operations -----------------------------
     def list_objects(
@@ -294,7 +312,8 @@ class ObjectStorage:
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix, PaginationConfig=paging):
                 for item in page.get("Contents", []):
-                    info = ObjectInfo(key=item["Key"], size=int(item["Size"]), etag=item["ETag"].strip('"'))
+                    info = ObjectInfo(key=item["Key"], size=int(item["Size"]), etag=item["ETag"].strip('"'),
+                                      last_modified=item.get("LastModified"))
                     if include_folders or not info.is_folder_marker:
                         yield info
         except Exception as exc:
