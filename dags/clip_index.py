@@ -38,7 +38,9 @@ Rebuilds the **{index_type}** similarity index of the defect-inspection service 
    that many (listed as `missing_images` in the deployment row and `manifest.json`).
 2. **embed** — embeds every image exactly as the service embeds queries (open_clip, RGB, 224×224 squash,
    CLIP mean/std, L2-normalised). Embeddings are cached by image content + model, so a rerun only embeds
-   new or changed images. Unreadable images are skipped and listed.
+   new or changed images. Unreadable images are skipped and listed. Runs on `INSPECTION_HEAVY_QUEUE` (e.g.
+   the GPU workers) when set; with `INSPECTION_RUN_STORE=storage` it first fetches the run's images into
+   its own worker's mirror.
 3. **index_save** — writes `faiss_index.bin`, `index_data.pt`, `embeddings.pt`, `metadata.json` and
    `manifest.json` into a staging version (not live yet) and checks that every image finds itself first.
 4. **approve** — only when **require_approval** is on: waits for a person to **Approve** or **Reject** on
@@ -118,7 +120,7 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
 
         # One pool slot per download thread: at most INSPECTION_MAX_TRANSFERS transfers across all DAGs.
         @task(execution_timeout=timedelta(minutes=30), pool=settings.transfer_pool,
-              pool_slots=settings.max_transfers)
+              pool_slots=settings.max_transfers, **settings.queue_args())
         def download() -> dict:
             with fail_permanent_errors():
                 try:
@@ -126,17 +128,19 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
                 except NothingToDo as skip:
                     raise AirflowSkipException(str(skip)) from None
 
-        @task(execution_timeout=timedelta(minutes=60), retries=1)
+        # The heavy task: INSPECTION_HEAVY_QUEUE (e.g. the GPU workers), a GPU pod with INSPECTION_HEAVY_POD_GPUS.
+        @task(execution_timeout=timedelta(minutes=60), retries=1, **settings.queue_args(heavy=True),
+              **settings.executor_args(heavy=True))
         def embed() -> dict:
             with fail_permanent_errors():
                 return pipeline.embed(current_run())
 
-        @task(execution_timeout=timedelta(minutes=20))
+        @task(execution_timeout=timedelta(minutes=20), **settings.queue_args())
         def index_save() -> dict:
             with fail_permanent_errors():
                 return pipeline.index_save(current_run())
 
-        @task(execution_timeout=timedelta(minutes=10))
+        @task(execution_timeout=timedelta(minutes=10), **settings.queue_args())
         def publish() -> dict:
             with fail_permanent_errors():
                 try:
@@ -144,7 +148,7 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
                 except NothingToDo as refused:  # not approved
                     raise AirflowSkipException(str(refused)) from None
 
-        @task(trigger_rule="all_done", outlets=[asset], execution_timeout=timedelta(minutes=5))
+        @task(trigger_rule="all_done", outlets=[asset], execution_timeout=timedelta(minutes=5), **settings.queue_args())
         def register() -> dict:
             try:
                 outcome = fail_unless_completed(pipeline.register(current_run()))
@@ -158,7 +162,8 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
         staged = download() >> embed() >> index_save()
         # Waits only when the run requires approval; its response timeout is set per run (see DOC_MD).
         approve = PublishApproval(task_id="approve", current_run=current_run, summarize=pipeline.approval_request,
-                                  longest_wait=settings.approval_timeout, execution_timeout=timedelta(minutes=5))
+                                  longest_wait=settings.approval_timeout, execution_timeout=timedelta(minutes=5),
+                                  **settings.queue_args())
         staged >> approve >> publish() >> register()
     return dag
 

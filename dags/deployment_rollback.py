@@ -11,6 +11,7 @@ from inspection_refresh.airflow_support import (
     DEFAULT_ARGS, START_DATE, close_deployment_on_failure, fail_permanent_errors, fail_unless_completed,
     run_identity,
 )
+from inspection_refresh.config import get_settings
 from inspection_refresh.tasks import rollback as pipeline
 
 from airflow.sdk import DAG, Param, get_current_context, task
@@ -35,6 +36,8 @@ Makes a kept version of a published artefact live again and **pins** it, then re
 While an artefact is pinned, scheduled CLIP runs skip it and scheduled PatchCore runs leave the product
 out. A manual run of the CLIP or PatchCore DAG that publishes a new version removes the pin.
 """
+
+settings = get_settings()
 
 with DAG(
     dag_id=pipeline.ROLLBACK_DAG_ID,
@@ -68,12 +71,12 @@ with DAG(
                                     dag_id=context["dag"].dag_id)
 
     # Not retried: a retry of "previous" after a swap would roll back one version further.
-    @task(retries=0, execution_timeout=timedelta(minutes=30))
+    @task(retries=0, execution_timeout=timedelta(minutes=30), **settings.queue_args())
     def rollback() -> dict:
         with fail_permanent_errors():
             return pipeline.roll_back(current_run())
 
-    @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=5))
+    @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=5), **settings.queue_args())
     def register() -> dict:
         return fail_unless_completed(pipeline.register(current_run()))
 

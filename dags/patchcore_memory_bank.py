@@ -45,7 +45,10 @@ Per product (the `product` group is mapped, one row per product code in the UI):
 2. **build** — runs `build_patchcore.sh` (or the script in **script**) with the product's paths in its
    environment: `PRODUCT_CODE`, `OK_DIR`, `OUT_DIR`, `DEFECT_DIRS`, `PATCHCORE_SHORTER`, `PATCHCORE_STRIDE`,
    `PATCHCORE_LAYERS`, `PATCHCORE_CORESET`, `PATCHCORE_WEIGHTS`, `PATCHCORE_DEVICE`, `PYTHON`.
-   Builds share the pool `patchcore_build` (create it with `airflow pools set patchcore_build 1 ...`).
+   Builds share the pool `patchcore_build` (create it with `airflow pools set patchcore_build 1 ...`) and
+   run on `INSPECTION_HEAVY_QUEUE` (e.g. the GPU workers) when set. With `INSPECTION_RUN_STORE=storage`
+   the task first fetches the product's images into its own worker's mirror and afterwards stores the
+   bank and its log in the run store, so the build may run on any worker.
 3. **approve** (once for the whole run, after every product's build has ended) — when the run requires
    approval (**require_approval**, or a scheduled run while `INSPECTION_APPROVE_SCHEDULED_PATCHCORE` is
    true, the default) it waits for a person to **Approve** or **Reject** on this task's **Required actions**
@@ -107,8 +110,8 @@ with DAG(
     },
 ) as dag:
 
-    def current_run() -> pipeline.PatchcoreRun:
-        context = get_current_context()
+    def current_run(context=None) -> pipeline.PatchcoreRun:
+        context = context or get_current_context()
         params = context["params"]
         run_id, scheduled, deployed_by = run_identity(context)
         return pipeline.PatchcoreRun(
@@ -118,7 +121,10 @@ with DAG(
             scheduled=scheduled, deployed_by=deployed_by, dag_id=context["dag"].dag_id,
         )
 
-    @task(execution_timeout=timedelta(minutes=5))
+    def store_failed_build_log(context) -> None:
+        pipeline.store_failed_build_log(current_run(context), context["task"])
+
+    @task(execution_timeout=timedelta(minutes=5), **settings.queue_args())
     def list_products() -> list[dict]:
         with fail_permanent_errors():
             return pipeline.list_products(current_run())
@@ -128,13 +134,13 @@ with DAG(
     approve = PublishApproval(task_id="approve", current_run=current_run, summarize=pipeline.approval_request,
                               approve_scheduled=settings.approve_scheduled_patchcore,
                               longest_wait=settings.approval_timeout, trigger_rule="all_done",
-                              execution_timeout=timedelta(minutes=5))
+                              execution_timeout=timedelta(minutes=5), **settings.queue_args())
 
     @task_group(group_id="product")
     def product_pipeline(product: dict):
         # One pool slot per download thread: at most INSPECTION_MAX_TRANSFERS transfers across all DAGs.
         @task(map_index_template="{{ product_code }}", execution_timeout=timedelta(minutes=30),
-              pool=settings.transfer_pool, pool_slots=settings.patchcore_transfers)
+              pool=settings.transfer_pool, pool_slots=settings.patchcore_transfers, **settings.queue_args())
         def prepare(product: dict) -> dict:
             get_current_context()["product_code"] = product.get("label", product["product_code"])
             with fail_permanent_errors():
@@ -144,6 +150,9 @@ with DAG(
                     raise AirflowSkipException(str(unchanged)) from None
 
         env = prepare(product)
+        # The heavy task. Its own process (which may read Airflow connections; the script may not) fetches
+        # the product's images to this worker and completes the env before the command, and stores the bank
+        # after it: needed with INSPECTION_RUN_STORE=storage, nothing to do with the local store.
         build = BashOperator(
             task_id="build",
             bash_command=BUILD_COMMAND,
@@ -153,10 +162,16 @@ with DAG(
             retries=1,
             execution_timeout=timedelta(minutes=60),
             map_index_template="{{ task.env['PRODUCT_CODE'] }}",
+            pre_execute=lambda context: pipeline.fetch_build_inputs(current_run(context), context["task"]),
+            post_execute=lambda context, result: pipeline.store_build_outputs(current_run(context), context["task"]),
+            on_retry_callback=store_failed_build_log,
+            on_failure_callback=store_failed_build_log,
+            **settings.queue_args(heavy=True),
+            **settings.executor_args(heavy=True),
         )
 
         @task(map_index_template="{{ product_code }}", retries=0, outlets=[BANKS],
-              execution_timeout=timedelta(minutes=10))
+              execution_timeout=timedelta(minutes=10), **settings.queue_args())
         def publish(product: dict) -> dict:
             context = get_current_context()
             context["product_code"] = product["product_code"]
@@ -176,7 +191,7 @@ with DAG(
         env >> build >> published
         build >> approve >> published
 
-    @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=5))
+    @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=5), **settings.queue_args())
     def register() -> dict:
         return fail_unless_completed(pipeline.register(current_run()))
 

@@ -4,6 +4,7 @@
 #   - the project's virtualenv in .venv (pinned: requirements.txt + constraints.txt)
 #   - MariaDB: the one on 127.0.0.1:3306 when it answers, else a private one under .services/
 #   - an NCP-like S3 server (moto behind a proxy that refuses ListObjectsV2, as NCP does)
+#   - for the Celery tests: PostgreSQL, the one on 127.0.0.1:5432 when it answers, else a private cluster
 # Everything it starts is recorded under .services/ ($INSPECTION_STATE_DIR) and stopped by stop_services.
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -40,11 +41,15 @@ ensure_system_packages() {
 }
 
 # What only the test suite needs: Debian's chromium for the real-browser test (Playwright drives it; browser
-# downloads are not possible everywhere) and a Redis server for the CeleryExecutor test when none answers.
+# downloads are not possible everywhere), and a Redis server and PostgreSQL for the CeleryExecutor tests
+# when none answers.
 ensure_test_packages() {
   local wanted=(chromium) missing=() pkg
   if ! port_open 127.0.0.1 6379 && ! command -v redis-server >/dev/null; then
     wanted+=(redis-server)
+  fi
+  if ! port_open 127.0.0.1 5432 && [ -z "$(postgres_bin initdb)" ]; then
+    wanted+=(postgresql)
   fi
   for pkg in "${wanted[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
@@ -109,6 +114,57 @@ ensure_mysql() {
   wait_for_port "$INSPECTION_MYSQL_PORT" "MariaDB" "$STATE/mariadb.log"
 }
 
+# A PostgreSQL program (initdb, pg_ctl): on PATH, else the newest Debian postgresql's; empty if none.
+postgres_bin() {
+  command -v "$1" 2>/dev/null || ls -d /usr/lib/postgresql/*/bin/"$1" 2>/dev/null | sort -V | tail -1
+}
+
+# As the user PostgreSQL runs as: initdb and the server refuse root, so root runs them as Debian's postgres user.
+as_postgres() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+
+# The Celery tests' metadata DB (Airflow 3.3's scheduler fails on MariaDB). Exports INSPECTION_POSTGRES_HOST/PORT/
+# USER/PASSWORD (read by tests/integration/celery_cluster.py) for a server that answers: the one on
+# 127.0.0.1:5432 (user postgres, trust authentication), else a private cluster under $STATE/postgres on a free
+# port (or on INSPECTION_POSTGRES_PORT when that is set and nothing answers there), stopped by stop_services.
+ensure_postgres() {
+  export INSPECTION_POSTGRES_HOST="${INSPECTION_POSTGRES_HOST:-127.0.0.1}"
+  export INSPECTION_POSTGRES_USER="${INSPECTION_POSTGRES_USER:-postgres}"
+  export INSPECTION_POSTGRES_PASSWORD="${INSPECTION_POSTGRES_PASSWORD:-}"
+  if [ -z "${INSPECTION_POSTGRES_PORT:-}" ] && port_open 127.0.0.1 5432; then
+    export INSPECTION_POSTGRES_PORT=5432
+    return
+  fi
+  if [ -n "${INSPECTION_POSTGRES_PORT:-}" ] && port_open "$INSPECTION_POSTGRES_HOST" "$INSPECTION_POSTGRES_PORT"; then
+    return
+  fi
+  local datadir="$STATE/postgres" port initdb pg_ctl
+  port="$(cat "$STATE/postgres.port" 2>/dev/null || true)"
+  if [ -z "${INSPECTION_POSTGRES_PORT:-}" ] && [ -n "$port" ] && port_open 127.0.0.1 "$port"; then
+    export INSPECTION_POSTGRES_HOST=127.0.0.1 INSPECTION_POSTGRES_PORT="$port"  # started by an earlier run
+    return
+  fi
+  port="${INSPECTION_POSTGRES_PORT:-5433}"
+  while [ -z "${INSPECTION_POSTGRES_PORT:-}" ] && port_open 127.0.0.1 "$port"; do port=$((port + 1)); done
+  initdb="$(postgres_bin initdb)" pg_ctl="$(postgres_bin pg_ctl)"
+  if [ -z "$initdb" ] || [ -z "$pg_ctl" ]; then
+    echo "No PostgreSQL answers and initdb/pg_ctl are missing: apt-get install postgresql (ensure_test_packages)" >&2
+    return 1
+  fi
+  mkdir -p "$datadir"
+  [ "$(id -u)" = 0 ] && chown postgres: "$datadir"
+  if [ ! -f "$datadir/PG_VERSION" ]; then
+    say "Initialising a private PostgreSQL in $datadir"
+    as_postgres "$initdb" -D "$datadir" -U postgres --auth=trust -E UTF8 --no-locale >"$STATE/postgres-init.log" 2>&1 \
+      || { tail -20 "$STATE/postgres-init.log" >&2; return 1; }
+  fi
+  say "Starting a private PostgreSQL on 127.0.0.1:$port"
+  as_postgres "$pg_ctl" -D "$datadir" -l "$datadir/server.log" -w -t 60 \
+    -o "-p $port -c listen_addresses=127.0.0.1 -k $datadir" start >/dev/null \
+    || { tail -20 "$datadir/server.log" >&2; return 1; }
+  echo "$port" > "$STATE/postgres.port"
+  export INSPECTION_POSTGRES_HOST=127.0.0.1 INSPECTION_POSTGRES_PORT="$port" INSPECTION_POSTGRES_USER=postgres
+}
+
 wait_for_port() {  # port what logfile
   for _ in $(seq 120); do
     port_open 127.0.0.1 "$1" && return
@@ -150,6 +206,10 @@ stop_airflow() {
 stop_services() {
   local pidfile
   stop_airflow || true
+  if [ -f "$STATE/postgres/postmaster.pid" ]; then  # the private PostgreSQL of ensure_postgres
+    as_postgres "$(postgres_bin pg_ctl)" -D "$STATE/postgres" -m fast stop >/dev/null 2>&1 || true
+    rm -f "$STATE/postgres.port"
+  fi
   for pidfile in "$STATE/s3.pid" "$STATE/mariadb.pid"; do
     [ -f "$pidfile" ] && kill "$(cat "$pidfile")" 2>/dev/null || true
     rm -f "$pidfile"

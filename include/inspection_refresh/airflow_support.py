@@ -219,7 +219,7 @@ class PublishApproval(ApprovalOperator):
     Approve: downstream runs. Reject: the task succeeds and skips its downstream ``publish``. No
     answer in time: the task fails (``HITLTimeoutError``), so ``publish`` does not run either.
 
-    ``current_run`` returns the pipeline's run object (its ``work_dir`` and ``scheduled``); the
+    ``current_run`` returns the pipeline's run object (its ``store`` and ``scheduled``); the
     callables are called inside the task, never at DAG parse time.
     """
 
@@ -240,24 +240,24 @@ class PublishApproval(ApprovalOperator):
 
         run = self.current_run()
         if not approval_required(context["params"], run.scheduled, self.approve_scheduled):
-            approval.record_decision(run.work_dir, approval.APPROVED, required=False, decision="not required")
+            approval.record_decision(run.store, approval.APPROVED, required=False, decision="not required")
             self.log.info("Approval not required (%s is off): publishing without asking", APPROVAL_PARAM)
             return {"required": False, "approved": True}
         try:
             request = self.summarize(run)
         except BaseException as exc:
-            approval.record_decision(run.work_dir, approval.FAILED,
+            approval.record_decision(run.store, approval.FAILED,
                                      f"could not summarise what would change: {type(exc).__name__}: {exc}")
             raise
         if request is None:
-            approval.record_decision(run.work_dir, approval.APPROVED, required=True, decision="nothing to approve")
+            approval.record_decision(run.store, approval.APPROVED, required=True, decision="nothing to approve")
             self.log.info("Approval required, but this run would publish nothing: not asking")
             return {"required": True, "approved": True}
         self.subject, self.body = request.subject, request.body
         self.response_timeout = approval_wait(context, self.longest_wait)
         asked_at = datetime.now(timezone.utc)
         approval.record_decision(
-            run.work_dir, approval.WAITING, "", required=True, summary=request.summary,
+            run.store, approval.WAITING, "", required=True, summary=request.summary,
             asked_at=asked_at.isoformat(), timeout=str(self.response_timeout),
             timeout_at=(asked_at + self.response_timeout).isoformat())
         self.log.info("Waiting up to %s for approval on this task's Required actions page%s:\n%s\n\n%s",
@@ -267,7 +267,7 @@ class PublishApproval(ApprovalOperator):
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         from inspection_refresh.tasks import approval
 
-        work_dir = self.current_run().work_dir
+        work_dir = self.current_run().store  # the run's store: this may be another worker than execute's
         if "error" in event:
             if event.get("error_type") == "timeout":
                 approval.record_timeout(work_dir, event.get("error"))

@@ -31,6 +31,17 @@ def _env_optional(name: str, default: str | None) -> str | None:
     return None if value.strip().lower() in ("", "none", "off") else value.strip()
 
 
+def _positive_or_none(name: str) -> int | None:
+    """A count that is off when unset, empty, ``none``/``off`` or 0."""
+    value = _env_optional(name, None)
+    if value is None:
+        return None
+    count = int(value)
+    if count < 0:
+        raise ValueError(f"INSPECTION_{name} must be a count of 0 or more, not {value!r}")
+    return count or None
+
+
 PUBLISH_TARGETS = ("local", "channel", "both")
 
 
@@ -99,6 +110,13 @@ class Settings:
     (e.g. ``gpu``); ``None`` (empty setting) = ``default_queue``."""
     default_queue: str | None = None
     """Queue of every other task; ``None`` (empty setting) = Airflow's ``[operators] default_queue``."""
+    mirror_transfers: int = 4
+    """Download threads of a task that fills its worker's image mirror from a run's inventory (``storage``
+    run store: CLIP ``embed``, ``index_save``, ``publish``; PatchCore ``build``, ``publish``); at most
+    ``max_transfers``. Not counted in ``transfer_pool`` (``INSPECTION_MIRROR_TRANSFERS``)."""
+    heavy_pod_gpus: int | None = None
+    """GPUs a KubernetesExecutor pod of a heavy task requests (``nvidia.com/gpu``), through its
+    ``executor_config``; ``None`` (empty setting, the default) adds no ``executor_config``."""
     publish_targets: str = "local"
     """Where a publish, rollback, pin or unpin goes (``INSPECTION_PUBLISH_TARGETS``): ``local`` (the roots
     above), ``channel`` (the release channel in object storage that serving hosts pull from; the roots on
@@ -146,6 +164,8 @@ class Settings:
             run_retention_days=float(_env("RUN_RETENTION_DAYS", "14")),
             heavy_queue=_env_optional("HEAVY_QUEUE", None),
             default_queue=_env_optional("DEFAULT_QUEUE", None),
+            mirror_transfers=min(max_transfers, max(1, int(_env("MIRROR_TRANSFERS", "4")))),
+            heavy_pod_gpus=_positive_or_none("HEAVY_POD_GPUS"),
             publish_targets=_publish_targets(_env("PUBLISH_TARGETS", "local")),
             channel_prefix=_env("CHANNEL_PREFIX", "deployments/"),
             channel_conn_id=_env_optional("CHANNEL_CONN_ID", None),
@@ -171,6 +191,28 @@ class Settings:
         """
         queue = (self.heavy_queue if heavy else None) or self.default_queue
         return {"queue": queue} if queue else {}
+
+    def executor_args(self, *, heavy: bool = False) -> dict:
+        """An operator's ``executor_config`` keyword for the KubernetesExecutor: for a heavy task, when
+        ``heavy_pod_gpus`` is set, a ``pod_override`` whose ``base`` container requests that many
+        ``nvidia.com/gpu``; else ``{}``.
+
+        The pod is a ``kubernetes.client`` ``V1Pod`` (the only form Airflow's Kubernetes provider takes),
+        built here, lazily: without the setting the kubernetes client is never imported.
+        """
+        if not heavy or not self.heavy_pod_gpus:
+            return {}
+        try:
+            from kubernetes.client import models as k8s
+        except ImportError as exc:
+            raise RuntimeError(
+                "INSPECTION_HEAVY_POD_GPUS is set, but the kubernetes client is not installed: install "
+                "apache-airflow-providers-cncf-kubernetes (the KubernetesExecutor needs it anyway) or unset it"
+            ) from exc
+        gpus = str(self.heavy_pod_gpus)
+        container = k8s.V1Container(name="base", resources=k8s.V1ResourceRequirements(
+            requests={"nvidia.com/gpu": gpus}, limits={"nvidia.com/gpu": gpus}))
+        return {"executor_config": {"pod_override": k8s.V1Pod(spec=k8s.V1PodSpec(containers=[container]))}}
 
     def index_publisher(self) -> Publisher:
         """Publishes the CLIP indexes (``normal``, ``defect``) under ``index_root``."""

@@ -311,6 +311,10 @@ class RunStore:
     def _read_json(self, run_name: str) -> Any:
         return json.loads(self._runs.get_bytes(self.run, run_name))
 
+    def read_text(self, name: str) -> str:
+        """The text (UTF-8, undecodable bytes replaced) stored under ``name``; :class:`RunFileMissing` if none."""
+        return self._runs.get_bytes(self.run, self._name(name)).decode("utf-8", errors="replace")
+
     def put_file(self, name: str, source: str | os.PathLike) -> None:
         """Store a copy of the local file ``source`` under ``name`` (e.g. ``vectors.npy``)."""
         source = Path(source)
@@ -331,18 +335,24 @@ class RunStore:
         return name in stored or f"{name}/{DIR_MANIFEST}" in stored
 
     # -- directories ----------------------------------------------------------------------
-    def put_dir(self, name: str, source: str | os.PathLike) -> int:
+    def put_dir(self, name: str, source: str | os.PathLike, *, skip: Iterable[str] = ()) -> int:
         """Store the tree under the local directory ``source`` as ``name``, replacing what was there.
 
         Files are stored first, then the manifest; files of an earlier put that the new tree
         lacks are removed afterwards. Symlinked directories are not followed. Returns the
         number of files.
+
+        :param skip: top-level entries of ``source`` to leave out (e.g. a CLIP version's ``images``).
         """
         name, source = self._name(name), Path(source)
         if not source.is_dir():
             raise FileNotFoundError(f"cannot store {source} as run directory {name!r}: it is not a directory")
+        skipped = set(skip)
         files: dict[str, Path] = {}
-        for directory, _, file_names in os.walk(source):
+        for directory, sub_dirs, file_names in os.walk(source):
+            if Path(directory) == source:
+                sub_dirs[:] = [d for d in sub_dirs if d not in skipped]
+                file_names = [f for f in file_names if f not in skipped]
             for file_name in file_names:
                 path = Path(directory) / file_name
                 relative = path.relative_to(source).as_posix()

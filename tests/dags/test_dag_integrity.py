@@ -137,3 +137,20 @@ def test_an_optional_approval_step_comes_before_every_publish(dagbag):
     assert patchcore_approve.trigger_rule == "all_done"  # one failed product does not block the others
     # each product still publishes only after its own build succeeded
     assert "product.build" in dagbag.dags["patchcore_memory_bank"].get_task("product.publish").upstream_task_ids
+
+
+def test_heavy_tasks_go_to_the_heavy_queue_and_the_rest_to_the_default_one():
+    """INSPECTION_HEAVY_QUEUE / INSPECTION_DEFAULT_QUEUE route every task (parsed in a fresh process)."""
+    code = (
+        "import json\n"
+        "from airflow.dag_processing.dagbag import DagBag\n"
+        f"bag = DagBag(dag_folder={str(REPO / 'dags')!r})\n"
+        "print(json.dumps({f'{d.dag_id}.{t.task_id}': t.queue for d in bag.dags.values() for t in d.tasks}))\n"
+    )
+    env = {**os.environ, "INSPECTION_HEAVY_QUEUE": "gpu", "INSPECTION_DEFAULT_QUEUE": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    queues = json.loads(out.stdout.strip().splitlines()[-1])
+    heavy = {"clip_index_normal.embed", "clip_index_defect.embed", "patchcore_memory_bank.product.build"}
+    assert {task for task, queue in queues.items() if queue == "gpu"} == heavy
+    assert {queue for task, queue in queues.items() if task not in heavy} == {"cpu"}
+    assert len(queues) == 2 * 6 + 6 + 2  # every task of every DAG

@@ -7,8 +7,16 @@ REST API with a token from ``POST /auth/token``, and stops everything the way a 
 the script, whose ``stop_airflow`` ends standalone's whole session).
 
 :class:`BrowserUI` drives Playwright's page: :meth:`~BrowserUI.sign_in` on SimpleAuthManager's login
-page, :meth:`~BrowserUI.trigger_with_defaults` on a DAG page, :meth:`~BrowserUI.screenshot` of each
-step, :meth:`~BrowserUI.dump` of screenshot + HTML when something fails.
+page, :meth:`~BrowserUI.trigger_with_defaults` on a DAG page, :meth:`~BrowserUI.open_deployments` from the
+UI's Browse menu (the console plugin, in the UI's frame), :meth:`~BrowserUI.screenshot` of each step,
+:meth:`~BrowserUI.docs_screenshot` for ``docs/``, :meth:`~BrowserUI.dump` of screenshot + HTML when
+something fails.
+
+How the Airflow 3.x UI shows a plugin's ``external_views`` entry with ``destination: nav`` (its compiled
+``ui/dist``): the entry is an item of the navigation's menu named by ``category`` ("Browse"); the item
+opens ``/plugin/<url_route>``, a page holding an ``<iframe title="<name>" sandbox="allow-scripts
+allow-same-origin allow-forms allow-downloads">`` on ``href``. The UI follows the frame's own navigation
+into its address bar (``/plugin/<url_route><path inside the frame>``), so a reload stays on the same page.
 
 How SimpleAuthManager signs people in (Airflow 3.x, ``airflow/api_fastapi/auth/managers/simple``):
 users and roles come from ``[core] simple_auth_manager_users`` (default ``admin:admin``); passwords from
@@ -57,6 +65,14 @@ STOP_TIMEOUT = 60.0
 TERMINAL_RUN_STATES = {"success", "failed"}
 UI_STATE_LABELS = {"queued": "Queued", "running": "Running", "success": "Success", "failed": "Failed"}
 """Dag-run states as the UI's English locale writes them (``common.json`` ``states``)."""
+CONSOLE_FRAME = 'iframe[title="Deployments"]'
+"""The Deployments console's frame on its plugin page (the iframe's title is the external view's name)."""
+DOCS_DIR = REPO / "docs"
+DOCS_SCREENSHOTS_ENV = "INSPECTION_DOCS_SCREENSHOTS"
+"""``1``: :meth:`BrowserUI.docs_screenshot` (re)writes the pictures in ``docs/`` that README.md shows."""
+DOCS_MAX_BYTES = 300_000
+DOCS_NAV_WIDTH, DOCS_MARGIN, DOCS_MIN_HEIGHT = 80, 24, 300
+"""Docs pictures: the UI's navigation bar (left, px), the space kept below the content, the least height."""
 
 
 def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 1.0) -> T:
@@ -269,6 +285,23 @@ class AirflowUI:
     def set_paused(self, dag_id: str, paused: bool) -> None:
         self.api("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": paused})
 
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None, note: str | None = None) -> str:
+        """``POST /api/v2/dags/{dag_id}/dagRuns`` as the admin (a manual run, no logical date); its run id."""
+        body: dict[str, Any] = {"logical_date": None, "conf": conf or {}}
+        if note:
+            body["note"] = note
+        return self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", json=body)["dag_run_id"]
+
+    def newest_run(self, dag_id: str, run_type: str = "manual") -> dict | None:
+        """The DAG's newest run of ``run_type`` (by start of its creation), or None."""
+        runs = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns",
+                        params={"limit": 20, "order_by": "-run_after"})["dag_runs"]
+        return next((run for run in runs if run["run_type"] == run_type), None)
+
+    def event_logs(self, **params: Any) -> list[dict]:
+        """Airflow's audit log (``GET /api/v2/eventLogs``), newest first."""
+        return self.api("GET", "/api/v2/eventLogs", params={"order_by": "-when", "limit": 50, **params})["event_logs"]
+
 
 class BrowserUI:
     """The signed-in Playwright page, with a screenshot per step in ``shots``."""
@@ -390,3 +423,66 @@ class BrowserUI:
             seen = badge.inner_text().strip()
             self.screenshot(f"{dag_id}-run-{seen.lower()}")
         return seen
+
+    # -------------------------------------------------------------------------------- the Deployments console
+    @property
+    def console(self) -> Any:
+        """The Deployments console inside the UI's frame (a Playwright ``FrameLocator``)."""
+        return self.page.frame_locator(CONSOLE_FRAME)
+
+    def open_deployments(self) -> Any:
+        """From the Airflow home page: Browse -> Deployments; the console's Live now page in the UI's frame."""
+        from playwright.sync_api import expect
+
+        page = self.page
+        page.goto(f"{self.airflow.base_url}/")
+        page.get_by_role("button", name="Browse").click()
+        item = page.get_by_role("menuitem", name="Deployments")
+        expect(item).to_be_visible()
+        self.screenshot("browse-menu")
+        item.click()
+        page.wait_for_url(re.compile(r"/plugin/deployments(/|$|\?)"))
+        console = self.console
+        expect(console.get_by_role("heading", name="Deployments", exact=True)).to_be_visible()
+        expect(console.get_by_role("link", name="Live now")).to_have_attribute("aria-current", "page")
+        expect(console.get_by_text(f"Signed in as {ADMIN_USER}")).to_be_visible()
+        return console
+
+    def console_nav(self, name: str) -> None:
+        """Follow the console's own navigation (``Live now``, ``History``) and wait for the page."""
+        from playwright.sync_api import expect
+
+        link = self.console.locator("header.top nav").get_by_role("link", name=name, exact=True)
+        link.click()
+        expect(link).to_have_attribute("aria-current", "page")
+
+    def docs_screenshot(self, name: str, target: Any = None, max_bytes: int = DOCS_MAX_BYTES) -> Path | None:
+        """With ``INSPECTION_DOCS_SCREENSHOTS=1``: the viewport (or ``target``, a locator) as ``docs/<name>.png``.
+
+        Empty space below the page's content is cut off (the UI's navigation bar, left, runs the full
+        height); the picture is made smaller than ``max_bytes`` by reducing it to a 256-colour palette
+        (flat UI pictures stay sharp) and, if needed, scaling it down. Returns the path, or None when not
+        asked for.
+        """
+        if os.environ.get(DOCS_SCREENSHOTS_ENV) != "1":
+            return None
+        from PIL import Image, ImageChops
+
+        DOCS_DIR.mkdir(exist_ok=True)
+        path = DOCS_DIR / f"{name}.png"
+        raw = self.shots / f"docs-{name}-raw.png"
+        (target.screenshot if target is not None else self.page.screenshot)(path=str(raw))
+        image = Image.open(raw).convert("RGB")
+        content = image.crop((DOCS_NAV_WIDTH, 0, image.width, image.height))
+        background = Image.new("RGB", content.size, content.getpixel((content.width - 1, content.height - 1)))
+        box = ImageChops.difference(content, background).getbbox()
+        if box and box[3] + DOCS_MARGIN < image.height:
+            image = image.crop((0, 0, image.width, max(box[3] + DOCS_MARGIN, DOCS_MIN_HEIGHT)))
+        while True:
+            image.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(
+                path, optimize=True)
+            if path.stat().st_size <= max_bytes or image.width < 600:
+                break
+            image = image.resize((image.width * 4 // 5, image.height * 4 // 5), Image.Resampling.LANCZOS)
+        print(f"docs screenshot {path} ({image.width}x{image.height}, {path.stat().st_size // 1024} KB)")
+        return path

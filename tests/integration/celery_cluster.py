@@ -4,15 +4,17 @@
 ``airflow api-server`` (tasks reach the execution API through it; the tests drive the REST API as the
 UI does), ``airflow scheduler`` (CeleryExecutor), ``airflow dag-processor`` and one ``airflow celery
 worker`` per :class:`WorkerSpec`, each with its own Celery hostname, queues, concurrency 1 and
-``INSPECTION_CACHE_ROOT`` (standing in for a separate machine's disk). Task instances record the
-worker's name as their ``hostname`` (``tests/integration/worker_hostname.py``).
+``INSPECTION_CACHE_ROOT``, ``INSPECTION_INDEX_ROOT`` and ``INSPECTION_PATCHCORE_ROOT`` (releases
+directories beside them) under ``home/workers/<name>/``, standing in for a separate machine's disk.
+Task instances record the worker's name as their ``hostname`` (``tests/integration/worker_hostname.py``).
 
 * Broker: a private database number on the Redis at 127.0.0.1:6379 (claimed with SET NX, flushed
   afterwards) or, when none answers, a ``redis-server`` of its own on a free port.
 * Metadata DB and Celery result backend: a scratch database on the PostgreSQL at 127.0.0.1:5432
-  (user ``postgres``, trust authentication, as this project's machines run it; ``INSPECTION_POSTGRES_*``
-  override), through psycopg 3 for both Airflow's sync and async engines; the tests are skipped when
-  no PostgreSQL answers. Not SQLite, which allows one writer at a time across these processes, and not
+  (user ``postgres``, trust authentication, as this project's machines run it; ``INSPECTION_POSTGRES_HOST``,
+  ``_PORT``, ``_USER`` and ``_PASSWORD`` override it, as ``scripts/test.sh`` exports them when it had to start
+  a private cluster: ``ensure_postgres`` in ``scripts/lib.sh``), through psycopg 3 for both Airflow's
+  sync and async engines; the tests are skipped when no PostgreSQL answers. Not SQLite, which allows one writer at a time across these processes, and not
   MariaDB: Airflow 3.3 migrates a MariaDB 10.11 database, but its scheduler dies about a minute later
   on the asset clean-up's ``WITH ... DELETE ... RETURNING`` (MariaDB error 1064).
 * :meth:`CeleryCluster.kill_worker` kills a worker's whole process tree (Celery main process, pool
@@ -264,10 +266,14 @@ class CeleryCluster:
                                                     stderr=subprocess.STDOUT, start_new_session=True)
 
     def start_worker(self, spec: WorkerSpec, *, wait: bool = True) -> None:
-        """Start ``airflow celery worker`` for ``spec`` (its own cache root under ``home/workers/<name>``)."""
+        """Start ``airflow celery worker`` for ``spec`` (its own cache and published roots under ``home/workers/<name>``)."""
         workdir = self.home / "workers" / spec.name
         workdir.mkdir(parents=True, exist_ok=True)
-        env = {**self.env, "INSPECTION_CACHE_ROOT": str(self.cache_root(spec.name)),
+        env = {name: value for name, value in self.env.items()
+               if name not in ("INSPECTION_INDEX_RELEASES", "INSPECTION_PATCHCORE_RELEASES")}  # beside the roots
+        env = {**env, "INSPECTION_CACHE_ROOT": str(self.cache_root(spec.name)),
+               "INSPECTION_INDEX_ROOT": str(workdir / "clip_index"),
+               "INSPECTION_PATCHCORE_ROOT": str(workdir / "patchCore"),
                "INSPECTION_TEST_HOSTNAME": spec.name, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port())}
         self._spawn(spec.name, ["celery", "worker", "--celery-hostname", spec.name, "--queues", ",".join(spec.queues),
                                 "--concurrency", str(spec.concurrency), "--skip-serve-logs",

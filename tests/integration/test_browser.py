@@ -1,27 +1,42 @@
-"""The Airflow UI in a real browser, as an operator uses it (issue #8, phase A).
+"""The Airflow UI in a real browser, as an operator uses it (issue #8, phases A and B).
 
 One real ``scripts/airflow-ui.sh`` for the whole module (``airflow standalone``: API server,
 scheduler with LocalExecutor, DAG processor, triggerer) on free ports, files in temporary
 directories, the test session's S3 server and MariaDB, the script's own seeding of the demo
 samples, and sign-in REQUIRED (``AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=False``, user
-``admin`` with a password the test writes into SimpleAuthManager's password file). Headless
-Chromium (Debian's, driven by Playwright) signs in on the login page, then for each DAG opens its
-page, presses Trigger, submits the trigger form with its default values and sees the run start, in
-the UI and through the REST API. At the end the script is stopped as a user stops it and no
-Airflow process may be left.
+``admin`` with a password the test writes into SimpleAuthManager's password file).
+
+Phase A: headless Chromium (Debian's, driven by Playwright) signs in on the login page, then for each
+DAG opens its page, presses Trigger, submits the trigger form with its default values and sees the run
+start, in the UI and through the REST API.
+
+Phase B, the Deployments console (``plugins/deployments_console.py``) in the same Airflow: phase A's
+clip_index_normal run succeeds (version 1); one new image is uploaded to the demo bucket and a second run
+(REST API) publishes version 2; then in the browser: Browse -> Deployments (the console in the UI's
+frame), the CLIP normal card (live version, its run, image count, the random-weights badge, kept
+versions), History (both ``clip_rebuild`` rows, one expanded to its message), Roll back on version 1
+(the console's result names the deployment_rollback run; REST: conf, triggering user, note, audit log),
+reloading the page afterwards (nothing triggered twice), and once the run succeeded: version 1 live and
+pinned, and a ``rollback`` row in History. Phase A's PatchCore run goes on meanwhile, unwaited for.
+
+At the end the script is stopped as a user stops it and no Airflow process may be left.
 
 Screenshots of every step go to ``<pytest basetemp>/browser-screenshots*/`` (kept after the run, the
 path is printed) and to ``$INSPECTION_SCREENSHOT_DIR`` when set; a failing step adds
 ``FAILED-<step>.png`` / ``.html`` / ``.url`` and the script's output ``airflow-ui.log``.
+``INSPECTION_DOCS_SCREENSHOTS=1`` also rewrites README.md's pictures ``docs/deployments-live.png`` and
+``docs/deployments-history.png``; it first waits for phase A's clip_index_defect and PatchCore runs to
+end, so every card is filled (about 6 minutes more).
 
 Later phases add their tests before ``test_stopping_the_ui_leaves_no_airflow_process`` and reuse the
-module fixtures ``airflow_ui`` (started, REST helpers: ``api``, ``token``, ``wait_for_run_state``)
-and ``ui`` (signed-in page: ``page``, ``screenshot``, ``trigger_with_defaults``, ``step``) in the
-same Airflow session.
+module fixtures ``airflow_ui`` (started, REST helpers: ``api``, ``token``, ``trigger``,
+``wait_for_run_state``) and ``ui`` (signed-in page: ``page``, ``screenshot``, ``trigger_with_defaults``,
+``open_deployments``, ``console``, ``step``) in the same Airflow session.
 
 Markers ``slow`` and ``browser`` (``-m "not browser"`` leaves it out). On the 2-core development machine
-the module takes 1m45-2m when nothing else runs (seeding + migration + standalone's start-up 63-71 s, each
-trigger 5-10 s, the stop 6-8 s) and 3m30 while other Airflow tests run beside it (start-up 130 s).
+the module takes 3m50-5m when nothing else runs: seeding + migration + standalone's start-up 55-90 s,
+phase A 35-50 s (each trigger 5-12 s), phase B 2-2m40 (mostly waiting for the demo CLIP run, 360 images
+embedded beside the PatchCore build, 80-120 s; the second run embeds one image, ~35 s), the stop 4-12 s.
 """
 
 from __future__ import annotations
@@ -29,13 +44,15 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import re
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
 from tests.conftest import S3_ACCESS_KEY, SESSION_DIR, _free_port
-from tests.integration.airflow_browser import ADMIN_USER, AirflowUI, BrowserUI, _cmdline
+from tests.integration.airflow_browser import ADMIN_USER, AirflowUI, BrowserUI, _cmdline, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -47,6 +64,8 @@ STARTED = {"running", "success"}
 STARTED_BY_DAG = {"deployment_rollback": STARTED | {"failed"}}
 UI_TIMEOUT_MS = 90_000
 """Playwright's timeout for each action and expectation: the 2 cores are busy with Airflow and torch tasks."""
+DEMO_RUNS: dict[str, str] = {}
+"""Run ids of the runs phase A triggered through the form, by DAG."""
 
 _MODULE_STARTED = time.monotonic()
 
@@ -166,17 +185,273 @@ def test_trigger_with_defaults_starts_a_run(airflow_ui, ui, dag_id):
     started = time.monotonic()
     run_id = ui.trigger_with_defaults(dag_id)
 
+    DEMO_RUNS[dag_id] = run_id
     run = airflow_ui.dag_run(dag_id, run_id)
     assert run["run_type"] == "manual", run
     assert run.get("triggering_user_name", ADMIN_USER) == ADMIN_USER, run
-    # the form's "Unpause <dag> on trigger" box is ticked by default, so the run does not wait in a paused DAG
-    assert airflow_ui.api("GET", f"/api/v2/dags/{dag_id}")["is_paused"] is False
+    # The form's "Unpause <dag> on trigger" box is ticked by default, so the run does not wait in a paused DAG.
+    # The UI sends that PATCH beside the trigger POST, not before it: it may land just after the run page opens.
+    wait_until(lambda: airflow_ui.api("GET", f"/api/v2/dags/{dag_id}")["is_paused"] is False, 30,
+               f"{dag_id} unpaused by the trigger form")
 
     wanted = STARTED_BY_DAG.get(dag_id, STARTED)
     state = airflow_ui.wait_for_run_state(dag_id, run_id, wanted)
     seen = ui.see_run_state(dag_id, run_id, wanted)
     expect(ui.run_header(run_id).get_by_text(ADMIN_USER, exact=True)).to_be_visible()  # Triggering User
     print(f"{dag_id}: run {run_id} {state} (REST), {seen!r} in the UI, {time.monotonic() - started:.0f}s")
+
+
+# ------------------------------------------------------------------------ phase B: the Deployments console
+CLIP_DAG = "clip_index_normal"
+CLIP_LABEL = "clip:normal"
+ROLLBACK_DAG = "deployment_rollback"
+RUN_TIMEOUT = 600.0
+"""The demo CLIP run (360 images embedded on CPU), while phase A's PatchCore run holds a core: 2-4 min."""
+CONSOLE: dict[str, str] = {}
+"""What phase B's tests hand on: the two CLIP runs, their versions (old, new) and the rollback run."""
+COUNTS: dict[str, int] = {}
+"""Images in each CLIP normal version."""
+DEMO_BUCKET = "dm-obs"
+"""The bucket airflow-ui.sh seeds and its DAGs read (INSPECTION_BUCKET's default in scripts/lib.sh)."""
+NEW_IMAGE_SEQ = 9001
+
+
+def _needs(*keys: str) -> list[str]:
+    missing = [key for key in keys if key not in CONSOLE]
+    if missing:
+        pytest.skip(f"an earlier Deployments step did not get as far as {missing}")
+    return [CONSOLE[key] for key in keys]
+
+
+def _index_publisher(airflow_ui: AirflowUI):
+    """The CLIP indexes airflow-ui.sh's Airflow publishes (its INSPECTION_DATA_ROOT/clip_index, releases beside)."""
+    from inspection_refresh.publish import Publisher
+
+    return Publisher(Path(airflow_ui.env["INSPECTION_DATA_ROOT"]) / "clip_index")
+
+
+def _manifest(airflow_ui: AirflowUI, version: str) -> dict:
+    import json
+
+    from inspection_refresh.clip.index import MANIFEST_FILE
+
+    return json.loads((_index_publisher(airflow_ui).releases / "normal" / version / MANIFEST_FILE).read_text())
+
+
+def _card(ui: BrowserUI, label: str = CLIP_LABEL):
+    return ui.console.locator(f'article.card[data-artefact="{label}"]')
+
+
+def _history_row(ui: BrowserUI, text: str):
+    """The History row whose one-line summary contains ``text``."""
+    console = ui.console
+    return console.locator("details.history-row").filter(has=console.locator("summary", has_text=text))
+
+
+def _new_normal_image(s3_server) -> tuple[object, str]:
+    """Upload one more normal image of product 1 into the demo bucket, as the line PC would; (client, key)."""
+    from inspection_refresh.dev.demo import IMAGE_SIZE, PRODUCTS, _jpeg
+    from inspection_refresh.dev.samples import render_normal
+    from inspection_refresh.storage import ObjectStorage
+
+    product = PRODUCTS[0]
+    key = f"images/normal/{product.product_id}/{product.product_code}_OK_{NEW_IMAGE_SEQ:04d}.jpg"
+    client = ObjectStorage(bucket=DEMO_BUCKET).client  # the session's S3 server (AIRFLOW_CONN_NCP_OBJECT_STORAGE)
+    client.put_object(Bucket=DEMO_BUCKET, Key=key, Body=_jpeg(render_normal(0, seed=NEW_IMAGE_SEQ, size=IMAGE_SIZE)))
+    return client, key
+
+
+def test_demo_clip_run_succeeds_then_new_images_publish_a_second_version(airflow_ui, s3_server):
+    """Phase A's clip_index_normal run succeeds (version 1); one new image arrives in the bucket and a second
+    run (REST API, as the admin) publishes version 2 with one image more.
+
+    A new image, not ``full_rebuild``: the second run then embeds one image instead of all 360 (about 2
+    minutes less on 2 busy cores), and the two versions differ in what the card shows.
+    """
+    started = time.monotonic()
+    first = DEMO_RUNS.get(CLIP_DAG) or (airflow_ui.newest_run(CLIP_DAG) or {}).get("dag_run_id")
+    if first is None:  # phase B alone (-k): make the demo run now
+        first = airflow_ui.trigger(CLIP_DAG)
+    airflow_ui.wait_for_run_state(CLIP_DAG, first, {"success"}, timeout=RUN_TIMEOUT)
+    first_done = time.monotonic() - started
+    client, key = _new_normal_image(s3_server)
+    try:
+        second = airflow_ui.trigger(CLIP_DAG, note=f"browser test: after uploading {key}")
+        airflow_ui.wait_for_run_state(CLIP_DAG, second, {"success"}, timeout=RUN_TIMEOUT)
+    finally:  # the demo bucket as seeded again, for whatever runs after this module
+        client.delete_object(Bucket=DEMO_BUCKET, Key=key)
+
+    publisher = _index_publisher(airflow_ui)
+    versions = publisher.versions("normal")
+    assert len(versions) == 2, versions
+    old, new = versions
+    assert publisher.current("normal") == new
+    assert publisher.pinned("normal") is None
+    old_manifest, new_manifest = _manifest(airflow_ui, old), _manifest(airflow_ui, new)
+    assert (old_manifest["run_id"], new_manifest["run_id"]) == (first, second)
+    assert new_manifest["count"] == old_manifest["count"] + 1, (old_manifest["count"], new_manifest["count"])
+    CONSOLE.update(first_run=first, second_run=second, old=old, new=new)
+    COUNTS.update({old: old_manifest["count"], new: new_manifest["count"]})
+    print(f"{CLIP_DAG}: demo run {first} success after {first_done:.0f}s (version {old}, "
+          f"{old_manifest['count']} images); with {key} added, run {second} success after "
+          f"{time.monotonic() - started:.0f}s (version {new}, {new_manifest['count']} images)")
+
+
+def _wait_for_the_other_demo_runs(airflow_ui: AirflowUI) -> None:
+    """For the docs picture only: every card filled (phase A's clip_index_defect and PatchCore runs ended)."""
+    from tests.integration.airflow_browser import TERMINAL_RUN_STATES
+
+    started = time.monotonic()
+    for dag_id in ("clip_index_defect", "patchcore_memory_bank"):
+        if dag_id in DEMO_RUNS:
+            wait_until(lambda: airflow_ui.dag_run(dag_id, DEMO_RUNS[dag_id])["state"] in TERMINAL_RUN_STATES,
+                       900, f"{dag_id}'s demo run to end")
+    print(f"docs screenshots: waited {time.monotonic() - started:.0f}s for the other demo runs")
+
+
+def test_deployments_page_from_the_browse_menu_shows_what_is_live(airflow_ui, ui):
+    """Browse -> Deployments: the CLIP normal card shows version 2 live, its run, images, the random-weights
+    badge, and both kept versions, the older one with a Roll back button."""
+    from playwright.sync_api import expect
+
+    second, old, new = _needs("second_run", "old", "new")
+    count = COUNTS[new]
+    docs = os.environ.get("INSPECTION_DOCS_SCREENSHOTS") == "1"
+    if docs:
+        _wait_for_the_other_demo_runs(airflow_ui)
+    with ui.step("deployments-live-now"):
+        console = ui.open_deployments()
+        card = _card(ui)
+        expect(card.get_by_role("heading", name="CLIP normal index")).to_be_visible()
+        expect(card.locator("header .badge.live")).to_have_text(f"live {new}")
+        expect(card.locator("header .badge.random")).to_have_text("random weights (demo/test)")
+        expect(card.locator(".badge.pinned")).to_have_count(0)
+        expect(card.locator(".published a.run-link")).to_have_text(f"{CLIP_DAG} run {second}")
+        expect(card.locator('dl.facts dt:text-is("Images") + dd')).to_have_text(str(count))
+        kept = card.locator("table.versions tbody tr")
+        expect(kept).to_have_count(2)
+        expect(kept.nth(0)).to_contain_text(new)  # newest first
+        expect(kept.nth(0).locator(".badge.live")).to_be_visible()
+        expect(kept.nth(0).get_by_role("button", name="Roll back")).to_have_count(0)
+        expect(kept.nth(1)).to_contain_text(old)
+        expect(kept.nth(1).get_by_role("button", name="Roll back")).to_be_visible()
+        expect(console.locator(".notice.error")).to_have_count(0)
+        labels = console.locator("article.card").evaluate_all("cards => cards.map(c => c.dataset.artefact)")
+        ui.screenshot("deployments-live-now")
+        ui.docs_screenshot("deployments-live")
+    print(f"Live now: cards {labels}; {CLIP_LABEL} live {new}, {count} images, kept {new}, {old}; "
+          f"address {ui.page.url}")
+
+
+def test_history_shows_the_demo_runs(ui):
+    """History: both clip_rebuild rows of clip_index_normal, completed; the older one expands to its message and run."""
+    from playwright.sync_api import expect
+
+    first, second, old, new = _needs("first_run", "second_run", "old", "new")
+    with ui.step("deployments-history"):
+        ui.console_nav("History")
+        for version in (old, new):
+            row = _history_row(ui, f"normal index, version {version}")
+            expect(row).to_have_count(1)
+            expect(row.locator(":scope > summary")).to_contain_text("clip_rebuild")
+            expect(row.locator(":scope > summary .status")).to_have_text("completed")
+        row = _history_row(ui, f"normal index, version {old}")
+        expect(row.locator("pre.message")).to_be_hidden()
+        row.locator(":scope > summary").click()
+        message = row.locator("pre.message")
+        expect(message).to_be_visible()
+        expect(message).not_to_be_empty()
+        expect(row.locator(".row-details a.run-link")).to_have_text(f"{CLIP_DAG} run {first}")
+        ui.screenshot("deployments-history-clip-row")
+        text = message.inner_text()
+        total = ui.console.locator(".filters .count").inner_text()
+    print(f"History: {total}; the demo run's message: {text[:300]!r}")
+
+
+def test_roll_back_to_the_older_version_from_the_live_page(airflow_ui, ui):
+    """Live now -> Roll back on the older kept version: the console triggers deployment_rollback through
+    Airflow's REST API as the signed-in admin and shows the run; Airflow's audit log has the trigger."""
+    from playwright.sync_api import expect
+
+    old, new = _needs("old", "new")
+    with ui.step("deployments-roll-back"):
+        ui.console_nav("Live now")
+        row = _card(ui).locator("table.versions tbody tr").filter(has_text=old)
+        row.get_by_role("button", name="Roll back").click()
+        result = ui.console.get_by_role("status")
+        expect(result.get_by_role("heading")).to_have_text(f"Rollback of {CLIP_LABEL} to {old} requested")
+        link = result.locator("a.run-link")
+        expect(link).to_have_text(re.compile(rf"^{ROLLBACK_DAG} run \S+$"))
+        run_id = link.inner_text().split(" run ", 1)[1].strip()
+        expect(link).to_have_attribute("href", f"/dags/{ROLLBACK_DAG}/runs/{quote(run_id, safe='')}")
+        ui.screenshot("deployments-rollback-requested")
+    CONSOLE["rollback_run"] = run_id
+
+    run = airflow_ui.dag_run(ROLLBACK_DAG, run_id)
+    assert run["run_type"] == "manual", run
+    assert run["conf"] == {"artefact": CLIP_LABEL, "version": old}, run
+    assert run.get("triggering_user_name") == ADMIN_USER, run
+    assert run.get("note") == f"Requested in the Deployments console by {ADMIN_USER}", run
+    audit = [entry for entry in airflow_ui.event_logs(dag_id=ROLLBACK_DAG, event="trigger_dag_run")
+             if old in (entry.get("extra") or "")]
+    assert audit and audit[0]["owner"] == ADMIN_USER, audit
+    state = airflow_ui.wait_for_run_state(ROLLBACK_DAG, run_id, {"success"}, timeout=RUN_TIMEOUT)
+    print(f"Roll back: {ROLLBACK_DAG} run {run_id} {state}; audit log {audit[0]['event']} by {audit[0]['owner']} "
+          f"at {audit[0]['when']}")
+
+
+def test_reloading_after_a_roll_back_triggers_nothing_and_leads_back(airflow_ui, ui):
+    """The UI's address follows the frame, so after Roll back it ends in ``/deployments/rollback``; reloading the
+    page loads that address with GET: no second rollback run, and a way back to Live now."""
+    from playwright.sync_api import expect
+
+    (run_id,) = _needs("rollback_run")
+    with ui.step("deployments-reload-after-rollback"):
+        assert ui.page.url.endswith("/plugin/deployments/deployments/rollback"), ui.page.url
+        ui.page.reload()
+        expect(ui.console.get_by_role("link", name="Back to Live now")).to_be_visible()
+        ui.screenshot("deployments-reload-after-rollback")
+    runs = airflow_ui.api("GET", f"/api/v2/dags/{ROLLBACK_DAG}/dagRuns", params={"limit": 50})["dag_runs"]
+    console_runs = [run["dag_run_id"] for run in runs if (run.get("conf") or {}).get("version") == CONSOLE["old"]]
+    assert console_runs == [run_id], console_runs
+
+
+def test_after_the_rollback_the_older_version_is_live_and_pinned(airflow_ui, ui):
+    """Deployments again (Browse menu): the older version is live and pinned (Unpin offered, the newer one can
+    be rolled forward to); History has the run's ``rollback`` row with its message."""
+    from playwright.sync_api import expect
+
+    old, new, run_id = _needs("old", "new", "rollback_run")
+    publisher = _index_publisher(airflow_ui)
+    assert publisher.current("normal") == old
+    pin = publisher.pinned("normal")
+    assert pin and pin["version"] == old and pin["run_id"] == run_id, pin
+    with ui.step("deployments-after-rollback"):
+        ui.open_deployments()
+        card = _card(ui)
+        expect(card.locator("header .badge.live")).to_have_text(f"live {old}")
+        expect(card.locator("header .badge.pinned")).to_be_visible()
+        expect(card.locator('dl.facts dt:text-is("Images") + dd')).to_have_text(str(COUNTS[old]))
+        expect(card.locator(".published a.run-link")).to_have_text(f"{CLIP_DAG} run {CONSOLE['first_run']}")
+        expect(card.locator(".pin")).to_contain_text(f"Pinned to {old} by {pin['pinned_by']}")
+        expect(card.locator(".pin").get_by_role("button", name="Unpin")).to_be_visible()
+        kept = card.locator("table.versions tbody tr")
+        expect(kept.filter(has_text=old).locator(".badge.live")).to_be_visible()
+        expect(kept.filter(has_text=new).get_by_role("button", name="Roll back")).to_be_visible()
+        ui.screenshot("deployments-live-after-rollback")
+
+    with ui.step("deployments-history-rollback"):
+        ui.console_nav("History")
+        row = _history_row(ui, f"{CLIP_LABEL}: {new} → {old}")
+        expect(row).to_have_count(1)
+        expect(row.locator(":scope > summary")).to_contain_text("rollback")
+        expect(row.locator(":scope > summary .status")).to_have_text("completed")
+        row.locator(":scope > summary").click()
+        expect(row.locator("pre.message")).to_contain_text(f"{CLIP_LABEL} rolled back from {new} to {old} by")
+        expect(row.locator(".row-details a.run-link")).to_have_text(f"{ROLLBACK_DAG} run {run_id}")
+        ui.screenshot("deployments-history-rollback-row")
+        ui.docs_screenshot("deployments-history")
+    print(f"after the rollback: {CLIP_LABEL} live {old} ({COUNTS[old]} images), pinned by {pin['pinned_by']}")
 
 
 def test_stopping_the_ui_leaves_no_airflow_process(airflow_ui):

@@ -480,3 +480,10 @@ def test_airflow_loads_the_plugin_with_its_app_and_navigation_entry(client):
     view = next(v for v in views if v["name"] == "Deployments")
     assert view["url_route"] == "deployments" and view["href"] == "/deployments/" and view["destination"] == "nav"
     assert Path(__file__).resolve().parents[2].joinpath("plugins", "deployments_console.py").is_file()
+
+
+def test_reloading_a_rollback_result_goes_back_to_live_now_without_triggering(client, tokens, published, airflow_api):
+    response = client.get("/deployments/rollback", headers=bearer(tokens["alice"]), follow_redirects=False)
+    assert response.status_code == 303 and response.headers["location"] == "/deployments/"
+    assert client.get("/deployments/rollback").status_code == 401  # still signed-in users only
+    assert airflow_api.requests == []  # nothing was triggered

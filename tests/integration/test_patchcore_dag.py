@@ -199,3 +199,40 @@ def test_a_bad_and_a_duplicate_product_code_fail_only_those_products(env):
     assert row["status"] == "failed" and "Published: TEX01" in row["result_message"]
     assert "product code 'BAD 04' (product_id 14) cannot name a directory" in row["result_message"]
     assert "product code 'DUP05' is used by products [15, 16]" in row["result_message"]
+
+
+def test_with_the_storage_run_store_the_bank_travels_through_object_storage(env, tmp_path, monkeypatch):
+    """INSPECTION_RUN_STORE=storage: prepare hands over inventories, build fetches them and stores the bank,
+    publish stages it from the store; a failed build's log still names the error; completed runs leave nothing."""
+    import torch
+
+    from inspection_refresh.storage import ObjectStorage
+
+    from inspection_refresh.publish import Publisher
+
+    monkeypatch.setenv("INSPECTION_RUN_STORE", "storage")
+    result = run_dag("patchcore_memory_bank", {"products": ["TEX01"], "shorter": 96})
+    assert result.state == "success", result.task_states
+    bank = env["root"] / "TEX01"
+    memory_bank = torch.load(bank / "memory_bank.pt")
+    assert json.loads((bank / "bank_config.json").read_text())["shorter"] == 96
+    assert len(list((bank / "ok").glob("*.jpg"))) == 8 and (bank / "tau.json").is_file()
+    row = env["sql"]("SELECT * FROM deployment_logs WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s",
+                     (result.run_id,))[0]
+    tex = json.loads(row["result_data"])["products"]["TEX01"]
+    assert row["status"] == "completed" and tex["bank_size"] == memory_bank.shape[0] and tex["num_images"] == 8
+    storage = ObjectStorage()
+    assert not list(storage.list_objects("airflow-runs/patchcore/", include_folders=True))  # removed at the end
+    cache = tmp_path / "cache" / "patchcore"
+    assert not list(cache.glob("runs/*")) and not list(cache.glob("builds/*/*"))  # no local hand-over, no scratch
+
+    script = tmp_path / "broken_build.sh"
+    script.write_text('#!/usr/bin/env bash\necho "ERROR: GPU out of memory while building $PRODUCT_CODE" >&2\nexit 3\n')
+    monkeypatch.setenv("INSPECTION_PATCHCORE_SCRIPTS", str(script))
+    failed = run_dag("patchcore_memory_bank", {"products": ["TEX01"], "script": str(script), "shorter": 96})
+    assert failed.state == "failed" and failed.task_states["product.build[0]"] == "failed"
+    row = env["sql"]("SELECT * FROM deployment_logs WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s",
+                     (failed.run_id,))[0]
+    assert "TEX01 at build: ERROR: GPU out of memory while building TEX01" in row["result_message"]
+    assert Publisher(env["root"]).current("TEX01") == bank.resolve().name  # the live bank stays
+    assert list(storage.list_objects("airflow-runs/patchcore/"))  # a failed run's files wait for the sweep

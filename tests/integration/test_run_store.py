@@ -99,6 +99,21 @@ def test_directories_round_trip_and_a_second_put_replaces_the_first(open_store, 
     assert stored == {"memory_bank.pt"}, "files the new tree lacks are removed"
 
 
+def test_a_directory_can_leave_top_level_entries_out_and_texts_read_back(open_store, tmp_path):
+    """How index_save stores a CLIP version without its images, and how a build log is read."""
+    store = open_store()
+    version = make_tree(tmp_path / "version", {"faiss_index.bin": b"idx", "metadata.json": b"{}",
+                                               "images/1/a.jpg": b"jpg", "notes/images": b"kept: not top level"})
+    assert store.put_dir("version", version, skip=["images"]) == 3
+    assert read_tree(store.get_dir("version", tmp_path / "out")) == {
+        "faiss_index.bin": b"idx", "metadata.json": b"{}", "notes/images": b"kept: not top level"}
+    log_file = make_tree(tmp_path / "log", {"build.log": "정상 ok\n".encode() + b"\xff end"})
+    store.put_file("BRKT01/build.log", log_file / "build.log")
+    assert store.within("BRKT01").read_text("build.log") == "정상 ok\n\ufffd end"
+    with pytest.raises(RunFileMissing):
+        store.read_text("nothing.log")
+
+
 def test_a_directory_without_its_manifest_is_absent(open_store, tmp_path):
     """What a task killed while storing a directory leaves: its files, no manifest."""
     store = open_store()

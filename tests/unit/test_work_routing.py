@@ -37,3 +37,40 @@ def test_run_store_settings_are_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("INSPECTION_RUN_RETENTION_DAYS", "2.5")
     settings = get_settings()
     assert (settings.run_store, settings.run_store_prefix, settings.run_retention_days) == ("storage", "runs/", 2.5)
+
+
+def test_mirror_transfers_default_and_cap(monkeypatch):
+    monkeypatch.delenv("INSPECTION_MIRROR_TRANSFERS", raising=False)
+    monkeypatch.setenv("INSPECTION_MAX_TRANSFERS", "10")
+    assert get_settings().mirror_transfers == 4
+    monkeypatch.setenv("INSPECTION_MIRROR_TRANSFERS", "50")
+    assert get_settings().mirror_transfers == 10  # never more than the storage's cap
+    monkeypatch.setenv("INSPECTION_MIRROR_TRANSFERS", "0")
+    assert get_settings().mirror_transfers == 1
+
+
+@pytest.mark.parametrize("value", [None, "", "none", "0"])
+def test_no_gpu_pod_override_unless_asked(monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("INSPECTION_HEAVY_POD_GPUS", raising=False)
+    else:
+        monkeypatch.setenv("INSPECTION_HEAVY_POD_GPUS", value)
+    settings = get_settings()
+    assert settings.heavy_pod_gpus is None
+    assert settings.executor_args(heavy=True) == settings.executor_args() == {}
+
+
+def test_heavy_tasks_request_gpus_from_kubernetes_when_asked(monkeypatch):
+    monkeypatch.setenv("INSPECTION_HEAVY_POD_GPUS", "2")
+    settings = get_settings()
+    assert settings.heavy_pod_gpus == 2 and settings.executor_args() == {}  # light tasks: nothing
+    try:
+        import kubernetes  # noqa: F401  (the KubernetesExecutor's provider brings it)
+    except ImportError:
+        with pytest.raises(RuntimeError, match="kubernetes client is not installed"):
+            settings.executor_args(heavy=True)
+        return
+    pod = settings.executor_args(heavy=True)["executor_config"]["pod_override"]
+    (container,) = pod.spec.containers
+    assert container.name == "base"  # the container Airflow's pod template runs the task in
+    assert container.resources.limits == container.resources.requests == {"nvidia.com/gpu": "2"}

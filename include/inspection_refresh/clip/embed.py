@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import multiprocessing
 import os
 import threading
 import time
@@ -453,7 +454,9 @@ def embed_files(
         full_rebuild: ignore cached vectors (recompute and overwrite them).
         num_workers: DataLoader worker processes that read, decode and resize while
             the model runs; ``0`` decodes in this thread, which still overlaps the
-            model when it runs in lanes (PIL releases the GIL while decoding).
+            model when it runs in lanes (PIL releases the GIL while decoding). A daemonic
+            process (an Airflow task run by a Celery prefork worker) may not start child
+            processes, so there it is always ``0``.
         progress_label: first words of the progress lines.
         lanes: model threads encoding different batches at once (default
             :func:`default_lanes`: one per core on CPU, each with one intra-op
@@ -493,6 +496,10 @@ def embed_files(
             to_embed.append((i, str(paths[i])))
     n_cached_rows = sum(1 for s in shas if s and s in vectors)
     lanes = lanes or default_lanes(model.device)
+    if num_workers > 0 and multiprocessing.current_process().daemon:
+        log.info("Decoding in this process: it is daemonic (e.g. a Celery worker's task), which may not start "
+                 "DataLoader worker processes")
+        num_workers = 0
     log.info(
         "%s: %d files, %d from cache, %d distinct to embed, %d unreadable so far "
         "(model %s on %s, batch %d, %d decode worker(s), %d model lane(s))",

@@ -161,6 +161,11 @@ def create_app(*, settings: SettingsSource = get_settings,
     def stylesheet(viewer: ViewerDep) -> FileResponse:
         return FileResponse(STYLESHEET, media_type="text/css", headers={"Cache-Control": "private, max-age=300"})
 
+    @app.get("/rollback", include_in_schema=False)
+    def rollback_page(request: Request, viewer: ViewerDep) -> RedirectResponse:
+        """A reload (or bookmark) of a rollback's result page: back to Live now, never a second trigger."""
+        return RedirectResponse(f"{request.scope.get('root_path', '').rstrip('/')}/", status_code=303)
+
     @app.post("/rollback", response_class=HTMLResponse, name="rollback")
     def rollback(request: Request, viewer: ViewerDep, artefact: Annotated[str, Form()],
                  csrf: Annotated[str, Form(alias="csrf_token")], version: Annotated[str, Form()] = "",

@@ -12,7 +12,9 @@ Either way it records the run's ``approve`` stage here, beside the other stage r
 - ``failed`` — the step itself failed (e.g. the summary could not be built).
 
 ``publish`` refuses to publish unless the record says ``ok``, and ``register`` writes the
-decision into the deployment row. Nothing here imports Airflow.
+decision into the deployment row. The record lives with the run's other stage records: in a work
+directory (a path) or a :class:`~inspection_refresh.runstore.RunStore`, so the worker that publishes
+need not be the one that asked. Nothing here imports Airflow.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from inspection_refresh.tasks.common import NothingToDo, read_json, write_json
+from inspection_refresh.runstore import RunFileMissing, RunStore
+from inspection_refresh.tasks.common import NothingToDo
+from inspection_refresh.tasks.stages import as_run_store
 
 log = logging.getLogger(__name__)
 
@@ -45,23 +49,28 @@ class ApprovalRequest:
     """Saved in the stage record (and so in the deployment row's ``approval``)."""
 
 
+RECORD = f"stage-{STAGE}.json"
+
+
 def record_path(work_dir: Path) -> Path:
-    return Path(work_dir) / f"stage-{STAGE}.json"
+    return Path(work_dir) / RECORD
 
 
-def read_decision(work_dir: Path) -> dict[str, Any] | None:
+def read_decision(work_dir: Path | RunStore) -> dict[str, Any] | None:
     """The run's ``approve`` stage record, or ``None`` if the step has not run."""
-    path = record_path(work_dir)
-    return read_json(path) if path.exists() else None
+    try:
+        return as_run_store(work_dir).read_json(RECORD)
+    except RunFileMissing:
+        return None
 
 
-def record_decision(work_dir: Path, status: str, message: str = "", **facts: Any) -> dict[str, Any]:
+def record_decision(work_dir: Path | RunStore, status: str, message: str = "", **facts: Any) -> dict[str, Any]:
     """Save the ``approve`` stage record, keeping the facts an earlier save of this run recorded
     (the summary the approver saw stays beside the answer)."""
     previous = read_decision(work_dir) or {}
     record = {"stage": STAGE, "status": status, "message": message, "seconds": 0.0,
               "facts": {**previous.get("facts", {}), **facts}}
-    write_json(record_path(work_dir), record)
+    as_run_store(work_dir).write_json(RECORD, record)
     return record
 
 
@@ -72,7 +81,7 @@ def responder_name(user: Any) -> str:
     return str(user) if user else "an unknown user"
 
 
-def record_answer(work_dir: Path, chosen: str | None, user: Any, responded_at: Any,
+def record_answer(work_dir: Path | RunStore, chosen: str | None, user: Any, responded_at: Any,
                   approve_option: str = "Approve") -> dict[str, Any]:
     """Record a person's answer to the approval request."""
     who = responder_name(user)
@@ -85,7 +94,7 @@ def record_answer(work_dir: Path, chosen: str | None, user: Any, responded_at: A
                            by=who, at=at)
 
 
-def record_timeout(work_dir: Path, error: str | None = None) -> dict[str, Any]:
+def record_timeout(work_dir: Path | RunStore, error: str | None = None) -> dict[str, Any]:
     """Record that nobody answered before the request's timeout."""
     previous = (read_decision(work_dir) or {}).get("facts", {})
     waited = previous.get("timeout")
@@ -96,12 +105,12 @@ def record_timeout(work_dir: Path, error: str | None = None) -> dict[str, Any]:
                            at=datetime.now(timezone.utc).isoformat())
 
 
-def is_approved(work_dir: Path) -> bool:
+def is_approved(work_dir: Path | RunStore) -> bool:
     record = read_decision(work_dir)
     return bool(record) and record["status"] == APPROVED
 
 
-def require_approved(work_dir: Path, what: str) -> None:
+def require_approved(work_dir: Path | RunStore, what: str) -> None:
     """Raise :class:`NothingToDo` unless the run's approval step let ``what`` be published.
 
     ``what`` names the artefact for the message (e.g. "normal index version X").

@@ -2,19 +2,26 @@
 
 Each function is one Airflow task of ``clip_index_normal`` / ``clip_index_defect``
 and can be called without a scheduler. They hand each other small dicts (XCom);
-bulk data (image lists, vectors) stays in the run's work directory on disk.
+bulk data (the image inventory, vectors, stage records, the built version) goes
+through the run's :class:`~inspection_refresh.runstore.RunStore`: the run's work
+directory (``INSPECTION_RUN_STORE=local``, one host) or object storage (``storage``:
+each task may run on another worker). Images stay in each worker's own mirror: a
+task that needs them brings its mirror to the run's inventory
+(:func:`~inspection_refresh.runstore.materialise_images`).
 ``index_save`` writes and verifies the new version in a staging directory, the
 ``approve`` task (``airflow_support.PublishApproval``, shown :func:`approval_request`)
 lets a person approve or reject it when the run requires that, and ``publish``
-makes the staged version live.
+makes the staged version live (with the ``storage`` store it first rebuilds the
+staging directory on its own worker from the stored version and its own mirror).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
+import tempfile
 from dataclasses import dataclass, field
+from functools import cached_property
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,11 +33,9 @@ from inspection_refresh.images import parse_image_key, reject_reason
 from inspection_refresh.progress import counted
 from inspection_refresh.publish import Publisher, PublishError, describe_pin, new_version_id
 from inspection_refresh.registry import DeploymentRegistry, RegistryError
+from inspection_refresh.runstore import RunStore, materialise_images
 from inspection_refresh.storage import ObjectInfo, ObjectStorage, StorageError, plan_mirror, require_complete
-from inspection_refresh.tasks.common import (
-    NothingToDo, cap_list, prune_run_work_dirs, read_json, recorded_outcome, remove_run_work_dir, run_work_dir,
-    unpin_hint, write_json,
-)
+from inspection_refresh.tasks.common import NothingToDo, cap_list, read_json, recorded_outcome, run_work_dir, unpin_hint
 from inspection_refresh.tasks import approval
 from inspection_refresh.tasks.stages import first_failure, read_stages, record_stage
 
@@ -40,6 +45,8 @@ DEPLOY_TYPE = "clip_rebuild"
 PIPELINE = "clip"
 STAGES = ["download", "embed", "index_save", approval.STAGE, "publish"]
 INDEX_TYPES = ("normal", "defect")
+VERSION_DIR = "version"
+"""The run-store folder of the version ``index_save`` built (without its images), for ``publish``."""
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,22 @@ class ClipRun:
 
     @property
     def work_dir(self) -> Path:
-        return run_work_dir(self.settings.cache_root, PIPELINE, f"{self.index_type}-{self.run_id}")
+        """The run's work directory on this host (what the ``local`` run store uses)."""
+        return run_work_dir(self.settings.cache_root, PIPELINE, self.store_key)
+
+    @property
+    def store_key(self) -> str:
+        """The run's folder in the run store: normal and defect runs may share a run id."""
+        return f"{self.index_type}-{self.run_id}"
+
+    @cached_property
+    def store(self) -> RunStore:
+        """What this run's tasks hand each other (``INSPECTION_RUN_STORE``)."""
+        return RunStore.for_run(PIPELINE, self.store_key, self.settings, storage=self.mirror_storage())
+
+    def mirror_storage(self) -> ObjectStorage:
+        """Object storage for filling this worker's mirror and for the run store (``INSPECTION_MIRROR_TRANSFERS``)."""
+        return ObjectStorage(self.settings.storage_conn_id, max_transfers=self.settings.mirror_transfers)
 
     @property
     def mirror_dir(self) -> Path:
@@ -108,10 +130,10 @@ def download(run: ClipRun) -> dict[str, Any]:
     Airflow retries it), unless there are at most ``run.max_missing_images``: then
     the index is built without them and they are listed as missing.
     """
-    prune_run_work_dirs(run.settings.cache_root, PIPELINE)
-    shutil.rmtree(run.work_dir, ignore_errors=True)  # a cleared-and-rerun run starts clean
-    run.work_dir.mkdir(parents=True, exist_ok=True)
-    with record_stage(run.work_dir, "download") as stage:
+    store = run.store
+    store.sweep()  # what failed runs left, after INSPECTION_RUN_RETENTION_DAYS
+    store.remove_run()  # a cleared-and-rerun run starts clean
+    with record_stage(store, "download") as stage:
         if run.scheduled:
             _skip_if_pinned(run)
         storage = ObjectStorage(run.settings.storage_conn_id, max_transfers=run.settings.max_transfers)
@@ -149,9 +171,11 @@ def download(run: ClipRun) -> dict[str, Any]:
                                f"{cap_list(result.failed, 3)}", transient=True)
         require_complete(result, allowed_missing=run.max_missing_images,
                          hint="Set the DAG param max_missing_images to publish an index without them.")
-        inventory = [{"key": key, "path": str(path), "etag": result.etags[key]}
+        # key, etag and size let another worker's task fetch exactly these versions; path is this worker's copy.
+        sizes = {obj.key: obj.size for obj in candidates}
+        inventory = [{"key": key, "etag": result.etags[key], "size": sizes[key], "path": str(path)}
                      for key, path in sorted(result.files.items())]
-        write_json(run.work_dir / "inventory.json", {"storage_urls": {
+        store.write_json("inventory.json", {"prefix": run.prefix, "storage_urls": {
             key: storage.storage_url(key) for key in result.files}, "images": inventory})
         log.info("Downloaded %s under %s (%d new, %d unchanged, %s skipped, %d missing)",
                  counted(len(result.files), "image"), run.prefix, result.downloaded, result.unchanged,
@@ -193,27 +217,28 @@ def _skip_if_pinned(run: ClipRun) -> None:
 
 def embed(run: ClipRun) -> dict[str, Any]:
     """Embed the mirrored images as the service embeds queries; reuse cached embeddings."""
-    import numpy as np
-
     from inspection_refresh.clip.cache import default_cache_dir
     from inspection_refresh.clip.embed import EmbeddingCache, embed_files, load_model
     from inspection_refresh.clip.weights import is_random_checkpoint
 
-    with record_stage(run.work_dir, "embed") as stage:
-        inventory = read_json(run.work_dir / "inventory.json")["images"]
+    store = run.store
+    with record_stage(store, "embed") as stage:
+        inventory_doc = store.read_json("inventory.json")
+        inventory = inventory_doc["images"]
+        images = local_images(run, inventory_doc)
         if is_random_checkpoint(run.pretrained):
             log.warning("Embedding with RANDOM-INIT weights from %s: similarity scores are meaningless "
                         "(offline demo/test checkpoint, not for the service)", run.pretrained)
         model = load_model(run.model, run.pretrained, run.device, lazy=True)  # loads only if a miss needs it
         cache = None if run.full_rebuild else EmbeddingCache(default_cache_dir(run.settings.cache_root))
-        result = embed_files([Path(item["path"]) for item in inventory], model, batch_size=run.batch_size,
+        result = embed_files([images[item["key"]] for item in inventory], model, batch_size=run.batch_size,
                              cache=cache, progress_label=f"Embedding {run.index_type} images")
         failures = [(inventory[index]["key"], reason) for index, reason in result.failures]
         if len(result.ok_indices) == 0:
             raise ValueError(f"none of the {len(inventory)} images under {run.prefix} could be read "
                              f"(first: {cap_list(failures, 3)}); the published index is unchanged")
-        np.save(run.work_dir / "vectors.npy", result.vectors)
-        write_json(run.work_dir / "rows.json", [int(i) for i in result.ok_indices])
+        _save_vectors(store, result.vectors)
+        store.write_json("rows.json", [int(i) for i in result.ok_indices])
         stage.facts = {
             "images": len(result.ok_indices), "embedded": result.embedded, "cached": result.cached,
             "unreadable": cap_list([list(f) for f in failures]), "num_unreadable": len(failures),
@@ -228,6 +253,44 @@ def embed(run: ClipRun) -> dict[str, Any]:
             "unreadable": len(failures)}
 
 
+def local_images(run: ClipRun, inventory_doc: dict[str, Any]) -> dict[str, Path]:
+    """Key -> the image on this worker, for every image of the run's inventory.
+
+    With the ``local`` run store every task shares the download's mirror: its paths, as recorded.
+    With ``storage`` this worker's mirror is brought to the inventory first (only what it lacks or
+    holds in another version is downloaded); an image that cannot be fetched fails the task for a retry.
+    """
+    if run.store.backend == "local":
+        return {item["key"]: Path(item["path"]) for item in inventory_doc["images"]}
+    result = materialise_images(run.mirror_storage(), inventory_doc.get("prefix", run.prefix),
+                                inventory_doc["images"], run.mirror_dir)
+    require_complete(result)
+    log.info("This worker's mirror %s holds the run's %s (%d downloaded, %d already here)", run.mirror_dir,
+             counted(len(result.files), "image"), result.downloaded, result.unchanged)
+    return result.files
+
+
+def _save_vectors(store: RunStore, vectors: Any) -> None:
+    import numpy as np
+
+    if store.local_dir is not None:  # straight into the work directory, as before
+        np.save(store.local_dir / "vectors.npy", vectors)
+        return
+    with tempfile.TemporaryDirectory(prefix="clip-vectors-") as scratch:
+        path = Path(scratch) / "vectors.npy"
+        np.save(path, vectors)
+        store.put_file("vectors.npy", path)
+
+
+def _load_vectors(store: RunStore) -> Any:
+    import numpy as np
+
+    if store.local_dir is not None:
+        return np.load(store.local_dir / "vectors.npy")
+    with tempfile.TemporaryDirectory(prefix="clip-vectors-") as scratch:
+        return np.load(store.get_file("vectors.npy", Path(scratch) / "vectors.npy"))
+
+
 def _product_lookup(run: ClipRun) -> dict[int, Any]:
     try:
         return DeploymentRegistry(run.settings.db_conn_id).products_by_id()
@@ -240,16 +303,16 @@ def index_save(run: ClipRun) -> dict[str, Any]:
     """Write every service format into a staging version and verify it; ``publish`` makes it live.
 
     Records the staged version (``staging``, ``version``, ``count``, ``dim`` and the self-retrieval
-    check) for the approval step and ``publish``. When the images and the model are those of the
-    live index nothing is staged (``unchanged``).
+    check) for the approval step and ``publish``. With the ``storage`` run store the version's files
+    (not its images) go to the run store instead and nothing stays staged on this worker. When the
+    images and the model are those of the live index nothing is staged (``unchanged``).
     """
-    import numpy as np
-
     from inspection_refresh.clip.index import verify_index, write_index_files
     from inspection_refresh.clip.weights import model_identity
 
-    with record_stage(run.work_dir, "index_save") as stage:
-        downloaded = read_json(run.work_dir / "stage-download.json")["facts"]
+    store = run.store
+    with record_stage(store, "index_save") as stage:
+        downloaded = store.read_json("stage-download.json")["facts"]
         live = None if run.full_rebuild else unchanged_live_index(run, downloaded["source_fingerprint"])
         if live:  # an identical version would only push distinct older versions out of the kept ones
             stage.facts = {"unchanged": True, "version": run.publisher.current(run.index_type),
@@ -258,10 +321,11 @@ def index_save(run: ClipRun) -> dict[str, Any]:
             log.info("Same images and model as the live %s index: version %s stays live, nothing to publish",
                      run.index_type, stage.facts["version"])
             return dict(stage.facts)
-        inventory_doc = read_json(run.work_dir / "inventory.json")
+        inventory_doc = store.read_json("inventory.json")
         inventory = inventory_doc["images"]
-        rows = read_json(run.work_dir / "rows.json")
-        vectors = np.load(run.work_dir / "vectors.npy")
+        rows = store.read_json("rows.json")
+        vectors = _load_vectors(store)
+        images = local_images(run, inventory_doc)
         products = _product_lookup(run)
 
         publisher = run.publisher
@@ -272,8 +336,8 @@ def index_save(run: ClipRun) -> dict[str, Any]:
             gallery_paths, metadata = [], []
             for row, index in enumerate(rows):
                 item = inventory[index]
-                relative = Path(item["path"]).relative_to(run.mirror_dir)
-                link_or_copy(item["path"], staging / "images" / relative)
+                relative = images[item["key"]].relative_to(run.mirror_dir)
+                link_or_copy(images[item["key"]], staging / "images" / relative)
                 gallery_paths.append(str(final_dir / "images" / relative))
                 metadata.append(_metadata_record(row, item["key"], gallery_paths[-1],
                                                  inventory_doc["storage_urls"][item["key"]], products))
@@ -294,16 +358,23 @@ def index_save(run: ClipRun) -> dict[str, Any]:
             verified = verify_index(staging)
             # A run an operator ended while this wrote has nothing to stage for.
             refuse_publishing_if_run_ended(run.dag_id, run.run_id, f"{run.index_type} index version {version}")
+            if store.backend == "storage":
+                # publish may run on another worker: it rebuilds this directory from the stored version
+                # files and its own mirror's images (same gallery paths), so nothing stays staged here.
+                store.put_dir(VERSION_DIR, staging, skip=["images"])
+                publisher.discard(staging)
         except BaseException:
             publisher.discard(staging)
             raise
-        stage.facts = {"version": version, "staging": str(staging), "count": manifest["count"],
-                       "dim": manifest["dim"], "verified": bool(verified),
-                       "self_top1": verified.get("self_top1"), "ties": verified.get("ties")}
+        stage.facts = {"version": version, "count": manifest["count"], "dim": manifest["dim"],
+                       "verified": bool(verified), "self_top1": verified.get("self_top1"),
+                       "ties": verified.get("ties"), "gallery_root": str(final_dir / "images")}
+        if store.backend == "local":
+            stage.facts["staging"] = str(staging)
         log.info("Staged %s index version %s: %d images, dim %d, every image finds itself first (%d exact-"
                  "duplicate ties); publish makes it live", run.index_type, version, manifest["count"],
                  manifest["dim"], verified.get("ties", 0))
-        return {k: v for k, v in stage.facts.items() if k != "staging"}
+        return {k: v for k, v in stage.facts.items() if k not in ("staging", "gallery_root")}
 
 
 def _live_image_urls(run: ClipRun) -> set[str] | None:
@@ -319,16 +390,17 @@ def approval_request(run: ClipRun) -> approval.ApprovalRequest | None:
     """What the approver sees before ``publish``: image count before/after (and which images come
     and go), the self-retrieval check of the staged index, what was skipped; ``None`` when the
     run would publish nothing (unchanged index)."""
-    saved = read_json(run.work_dir / "stage-index_save.json")["facts"]
+    store = run.store
+    saved = store.read_json("stage-index_save.json")["facts"]
     if saved.get("unchanged"):
         return None
-    downloaded = read_json(run.work_dir / "stage-download.json")["facts"]
-    embedded = read_json(run.work_dir / "stage-embed.json")["facts"]
+    downloaded = store.read_json("stage-download.json")["facts"]
+    embedded = store.read_json("stage-embed.json")["facts"]
     live_version = run.publisher.current(run.index_type)
     live = published_manifest(run) if live_version else None
     before = live.get("count") if live else None
     after = saved["count"]
-    new_urls = set(read_json(run.work_dir / "inventory.json")["storage_urls"].values())
+    new_urls = set(store.read_json("inventory.json")["storage_urls"].values())
     old_urls = _live_image_urls(run) if live else set()
     added = sorted(new_urls - old_urls) if old_urls is not None else []
     removed = sorted(old_urls - new_urls) if old_urls is not None else []
@@ -382,25 +454,61 @@ def publish(run: ClipRun) -> dict[str, Any]:
     when the approval step rejected the version (or did not answer); its staging directory is
     left for ``register`` to discard, so a retried publish can still use it.
     """
-    with record_stage(run.work_dir, "publish") as stage:
-        saved = read_json(run.work_dir / "stage-index_save.json")["facts"]
+    store = run.store
+    with record_stage(store, "publish") as stage:
+        saved = store.read_json("stage-index_save.json")["facts"]
         if saved.get("unchanged"):
             stage.facts = dict(saved)
             log.info("Nothing to publish: version %s of the %s index stays live", saved["version"], run.index_type)
             return dict(stage.facts)
-        version, staging = saved["version"], Path(saved["staging"])
+        version = saved["version"]
         what = f"{run.index_type} index version {version}"
-        approval.require_approved(run.work_dir, what)
-        if not staging.is_dir():
-            raise PublishError(f"the staged {what} at {staging} is gone; rerun the DAG")
-        refuse_publishing_if_run_ended(run.dag_id, run.run_id, what)
-        # A manual run replaces a rollback's pin; a scheduled one never publishes over it.
-        release = run.publisher.publish(run.index_type, staging, version, unpin=not run.scheduled)
+        approval.require_approved(store, what)
+        if store.backend == "local":
+            staging = Path(saved["staging"])
+            if not staging.is_dir():
+                raise PublishError(f"the staged {what} at {staging} is gone; rerun the DAG")
+        else:
+            staging = _stage_from_store(run, saved)
+        try:
+            refuse_publishing_if_run_ended(run.dag_id, run.run_id, what)
+            # A manual run replaces a rollback's pin; a scheduled one never publishes over it.
+            release = run.publisher.publish(run.index_type, staging, version, unpin=not run.scheduled)
+        except BaseException:
+            if store.backend == "storage":  # rebuilt from the store by each try; never left behind
+                run.publisher.discard(staging)
+            raise
         stage.facts = {"version": release.version, "path": str(run.publisher.live_path(run.index_type)),
                        "count": saved["count"], "dim": saved["dim"], "verified": saved.get("verified")}
         log.info("Published %s index version %s: %d images, dim %d, at %s", run.index_type, release.version,
                  saved["count"], saved["dim"], stage.facts["path"])
         return dict(stage.facts)
+
+
+def _stage_from_store(run: ClipRun, saved: dict[str, Any]) -> Path:
+    """The version ``index_save`` stored, as a staging directory on this worker: its files from the
+    run store, its images hard-linked from this worker's mirror at the gallery paths it names."""
+    store, publisher = run.store, run.publisher
+    staging = publisher.stage(run.index_type)  # also removes what an interrupted try left
+    try:
+        gallery_root = staging.parent / saved["version"] / "images"
+        if saved.get("gallery_root") and Path(saved["gallery_root"]) != gallery_root:
+            raise PublishError(
+                f"the {run.index_type} index version {saved['version']} names its images under "
+                f"{saved['gallery_root']}, but this worker would publish it under {gallery_root}: set the same "
+                "INSPECTION_INDEX_ROOT (and INSPECTION_INDEX_RELEASES) on every worker")
+        store.get_dir(VERSION_DIR, staging)
+        inventory_doc = store.read_json("inventory.json")
+        images = local_images(run, inventory_doc)
+        for index in store.read_json("rows.json"):
+            path = images[inventory_doc["images"][index]["key"]]
+            link_or_copy(path, staging / "images" / path.relative_to(run.mirror_dir))
+    except BaseException:
+        publisher.discard(staging)
+        raise
+    log.info("Staged %s index version %s on this worker from %s", run.index_type, saved["version"],
+             store.location)
+    return staging
 
 
 def discard_unpublished(run: ClipRun, records: dict[str, dict[str, Any]]) -> None:
@@ -457,7 +565,7 @@ def register(run: ClipRun) -> dict[str, Any]:
     completed run) returns what the row says instead of rewriting it as failed.
     """
     registry = DeploymentRegistry(run.settings.db_conn_id)
-    records = read_stages(run.work_dir, STAGES)
+    records = read_stages(run.store, STAGES)
     if all(record["status"] == "not run" for record in records.values()):
         recorded = recorded_outcome(registry, run.dag_id, run.run_id)
         if recorded:
@@ -516,6 +624,6 @@ def register(run: ClipRun) -> dict[str, Any]:
     deploy_id = registry.finish(DEPLOY_TYPE, run.dag_id, run.run_id, status=status, message=text,
                                 result_data=result_data, deployed_by=run.deployed_by)
     if status == "completed":
-        remove_run_work_dir(run.settings.cache_root, PIPELINE, f"{run.index_type}-{run.run_id}")
+        run.store.remove_run()
     return {"deploy_id": deploy_id, "status": status, "message": text, **{
         k: result_data[k] for k in ("num_images", "embedding_dim", "version", "index_path", "model", "pretrained")}}

@@ -7,6 +7,14 @@ showing :func:`approval_request`; passes at once unless the run requires approva
 
 Every product has its own stage records, so one product's failure never stops
 the others from publishing, and the history row names what failed and why.
+
+Tasks hand each other files through the run's :class:`~inspection_refresh.runstore.RunStore`
+(``INSPECTION_RUN_STORE``): with ``local`` (one host) the run's work directory, the image mirror
+and a staging directory that ``build_patchcore.sh`` writes into, as always; with ``storage`` each
+task may run on another worker: ``prepare`` records the product's image inventories, the build
+task fetches them into its own worker's mirror and stores the bank it built
+(:func:`fetch_build_inputs`, :func:`store_build_outputs`), and ``publish`` stages that bank on its
+own worker.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import shutil
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +39,10 @@ from inspection_refresh.images import DEFECT_PREFIX, NORMAL_PREFIX, reject_reaso
 from inspection_refresh.patchcore.options import LAYER_CHANNELS, BuildOptions
 from inspection_refresh.publish import Publisher, PublishError, check_name, describe_pin
 from inspection_refresh.registry import DeploymentRegistry, Product, RegistryError
-from inspection_refresh.storage import SYNC_STATE_FILE, ObjectStorage, require_complete
+from inspection_refresh.runstore import RunFileMissing, RunStore, materialise_images
+from inspection_refresh.storage import SYNC_STATE_FILE, ObjectStorage, SyncResult, require_complete
 from inspection_refresh.tasks.common import (
-    NothingToDo, cap_list, prune_run_work_dirs, read_json, recorded_outcome, remove_run_work_dir, run_work_dir,
-    unpin_hint, write_json,
+    NothingToDo, cap_list, read_json, recorded_outcome, run_work_dir, safe_run_id, unpin_hint,
 )
 from inspection_refresh.tasks import approval
 from inspection_refresh.tasks.stages import record_stage
@@ -45,6 +54,11 @@ PIPELINE = "patchcore"
 BUNDLED_SCRIPT = Path(__file__).resolve().parents[1] / "build_patchcore.sh"
 SUMMARY_MARK = "PATCHCORE_SUMMARY "  # the builder's last stdout line, kept in the build log
 LAYERS = tuple(LAYER_CHANNELS)
+INVENTORY = "inventory.json"
+"""Per product in the run store: the ``ok`` and ``defects`` images ``prepare`` mirrored (key, ETag, size)."""
+BUILD_LOG = "build.log"
+BANK_DIR = "bank"
+"""Per product in the ``storage`` run store: the bank the build wrote (its ``OUT_DIR``)."""
 """The ResNet-50 stages the service understands (one list, the builder's)."""
 BUILD_DEFAULTS = BuildOptions()
 """The builder's defaults, which the DAG's params and a run start from."""
@@ -78,12 +92,29 @@ class PatchcoreRun:
 
     @property
     def work_dir(self) -> Path:
+        """The run's work directory on this host (what the ``local`` run store uses)."""
         return run_work_dir(self.settings.cache_root, PIPELINE, self.run_id)
 
-    def product_dir(self, code: str) -> Path:
-        path = self.work_dir / check_name(code)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    @cached_property
+    def store(self) -> RunStore:
+        """What this run's tasks hand each other (``INSPECTION_RUN_STORE``); the approval record is here."""
+        return RunStore.for_run(PIPELINE, self.run_id, self.settings, storage=self.mirror_storage())
+
+    def product_store(self, code: str) -> RunStore:
+        """The product's part of the run store: its stage records, inventory, build log and built bank."""
+        return self.store.within(check_name(code))
+
+    def mirror_storage(self) -> ObjectStorage:
+        """Object storage for filling this worker's mirror and for the run store (``INSPECTION_MIRROR_TRANSFERS``)."""
+        return ObjectStorage(self.settings.storage_conn_id, max_transfers=self.settings.mirror_transfers)
+
+    def mirror_dir(self, code: str) -> Path:
+        """This worker's mirror of a product's images: ``ok/`` (normal) and ``defects/``; kept between runs."""
+        return self.settings.cache_root / PIPELINE / check_name(code)
+
+    def build_dir(self, code: str) -> Path:
+        """This worker's scratch directory of a build with the ``storage`` run store: ``bank/`` and ``build.log``."""
+        return self.settings.cache_root / PIPELINE / "builds" / safe_run_id(self.run_id) / check_name(code)
 
     @property
     def publisher(self) -> Publisher:
@@ -157,10 +188,10 @@ def _products_from_storage(storage: ObjectStorage) -> list[Product]:
 
 def list_products(run: PatchcoreRun) -> list[dict[str, Any]]:
     """Products to build: active rows of ``products`` (or storage folders), narrowed by the param."""
-    prune_run_work_dirs(run.settings.cache_root, PIPELINE)
-    shutil.rmtree(run.work_dir, ignore_errors=True)  # a cleared-and-rerun run starts clean
-    run.work_dir.mkdir(parents=True, exist_ok=True)
-    with record_stage(run.work_dir, "list_products"):
+    store = run.store
+    store.sweep()  # what failed runs left, after INSPECTION_RUN_RETENTION_DAYS
+    store.remove_run()  # a cleared-and-rerun run starts clean
+    with record_stage(store, "list_products"):
         return _list_products(run)
 
 
@@ -195,8 +226,7 @@ def _list_products(run: PatchcoreRun) -> list[dict[str, Any]]:
         raise PermanentError(f"no products to build (from the {source}); add products or upload normal images "
                              f"under {NORMAL_PREFIX}{{product_id}}/")
     chosen = [_mapped_product(p, products) for p in products]
-    write_json(run.work_dir / "products.json",
-               {"source": source, "products": chosen, "pinned": pinned, "history": use_db})
+    run.store.write_json("products.json", {"source": source, "products": chosen, "pinned": pinned, "history": use_db})
     log.info("Building %d PatchCore banks (products from the %s): %s", len(chosen), source,
              ", ".join(p["product_code"] for p in chosen))
     return chosen
@@ -272,11 +302,12 @@ def prepare_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, str
     so Airflow retries it): a bank is never built from part of the product's images.
     """
     code, product_id = product["product_code"], product["product_id"]
-    with record_stage(run.product_dir(code), "download") as stage:
+    store = run.product_store(code)
+    with record_stage(store, "download") as stage:
         if product.get("problem"):
             raise PermanentError(product["problem"])
         storage = ObjectStorage(run.settings.storage_conn_id, max_transfers=run.settings.patchcore_transfers)
-        cache = run.settings.cache_root / PIPELINE / code
+        cache = run.mirror_dir(code)
         prefix = f"{NORMAL_PREFIX}{product_id}/"
         normal = storage.sync_prefix(prefix, cache / "ok", accept=reject_reason)
         if not normal.files and not normal.failed:
@@ -290,18 +321,14 @@ def prepare_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, str
             stage.facts = {"images": len(normal.files), "unchanged": unchanged}
             raise NothingToDo(f"product {code}: unchanged, version {unchanged} stays live (the same "
                               f"{len(normal.files)} normal images and settings as its build)")
-        defect_dirs = sorted({str(path.parent) for path in defects.files.values()})
-        staging = run.publisher.stage(code)
+        # Exactly these versions of the images, for a build or publish on another worker.
+        store.write_json(INVENTORY, {"ok": _inventory(normal), "defects": _inventory(defects)})
         stage.facts = {"images": len(normal.files), "defect_images": len(defects.files),
-                       "skipped": cap_list([list(s) for s in normal.skipped]), "num_skipped": len(normal.skipped),
-                       "staging": str(staging)}
+                       "skipped": cap_list([list(s) for s in normal.skipped]), "num_skipped": len(normal.skipped)}
         log.info("Product %s: %d normal images (%d downloaded, %d unchanged), %d labelled defect images",
                  code, len(normal.files), normal.downloaded, normal.unchanged, len(defects.files))
-        return script_environment({
+        contract = {
             "PRODUCT_CODE": code,
-            "OK_DIR": str(cache / "ok"),
-            "OUT_DIR": str(staging),
-            "DEFECT_DIRS": ":".join(defect_dirs),
             "PATCHCORE_SHORTER": str(run.shorter),
             "PATCHCORE_STRIDE": str(run.stride),
             "PATCHCORE_LAYERS": ",".join(run.layers),
@@ -309,9 +336,116 @@ def prepare_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, str
             "PATCHCORE_WEIGHTS": run.weights,
             "PATCHCORE_DEVICE": run.device,
             "PATCHCORE_SCRIPT": str(run.script_path),
-            "PATCHCORE_LOG": str(run.product_dir(code) / "build.log"),
+        }
+        if store.backend == "storage":
+            # Paths, PYTHON and the inherited variables are the build worker's: fetch_build_inputs adds them.
+            return contract
+        staging = run.publisher.stage(code)
+        stage.facts["staging"] = str(staging)
+        return script_environment({
+            **contract,
+            "OK_DIR": str(cache / "ok"),
+            "OUT_DIR": str(staging),
+            "DEFECT_DIRS": ":".join(_defect_dirs(defects.files.values())),
+            "PATCHCORE_LOG": str(store.local_dir / BUILD_LOG),
             "PYTHON": sys.executable,
         })
+
+
+def _inventory(result: SyncResult) -> dict[str, Any]:
+    """What a sync mirrored: its prefix and each object's key, ETag and size (for :func:`materialise_images`)."""
+    return {"prefix": result.prefix, "images": [
+        {"key": key, "etag": result.etags[key], "size": path.stat().st_size} for key, path in sorted(result.files.items())]}
+
+
+def _defect_dirs(paths) -> list[str]:
+    """The directories of the labelled defect images (one per defect type), for ``DEFECT_DIRS``."""
+    return sorted({str(Path(path).parent) for path in paths})
+
+
+def _materialise(run: PatchcoreRun, code: str, part: str) -> SyncResult:
+    """Bring this worker's mirror of ``part`` (``ok`` or ``defects``) of ``code`` to the run's inventory."""
+    listed = run.product_store(code).read_json(INVENTORY)[part]
+    result = materialise_images(run.mirror_storage(), listed["prefix"], listed["images"], run.mirror_dir(code) / part)
+    require_complete(result)
+    return result
+
+
+def fetch_build_inputs(run: PatchcoreRun, task: Any) -> None:
+    """Before the build task runs its command (its ``pre_execute``), on the build worker.
+
+    With the ``storage`` run store: fills this worker's mirror with the product's ``ok/`` and defect
+    images as ``prepare`` recorded them, creates a fresh local ``OUT_DIR`` and completes the script's
+    environment (``OK_DIR``, ``OUT_DIR``, ``DEFECT_DIRS``, ``PATCHCORE_LOG``, ``PYTHON`` and the
+    inherited variables, all of this worker). It runs in the task's own process, not in the
+    command: only the task process may read Airflow connections, and the script must not see them.
+    With ``local`` the environment ``prepare`` returned is already complete: nothing to do.
+    """
+    env = dict(task.env or {})
+    code = env["PRODUCT_CODE"]
+    if run.product_store(code).backend == "local":
+        return
+    ok, defects = _materialise(run, code, "ok"), _materialise(run, code, "defects")
+    workspace = run.build_dir(code)
+    shutil.rmtree(workspace, ignore_errors=True)  # what an earlier try left
+    (workspace / "bank").mkdir(parents=True)
+    log.info("Product %s: %d normal and %d defect images in this worker's mirror (%d downloaded); building into %s",
+             code, len(ok.files), len(defects.files), ok.downloaded + defects.downloaded, workspace / "bank")
+    task.env = script_environment({
+        **env,
+        "OK_DIR": str(run.mirror_dir(code) / "ok"),
+        "OUT_DIR": str(workspace / "bank"),
+        "DEFECT_DIRS": ":".join(_defect_dirs(defects.files.values())),
+        "PATCHCORE_LOG": str(workspace / BUILD_LOG),
+        "PATCHCORE_SCRIPT": str(run.script_path),  # allowed, and present, on this worker too
+        "PYTHON": sys.executable,
+    })
+
+
+def store_build_outputs(run: PatchcoreRun, task: Any) -> None:
+    """After a successful build (the task's ``post_execute``): with the ``storage`` run store, store
+    the built bank and the build log for ``approve``, ``publish`` and ``register``, then remove the
+    local scratch. A failure here fails the build task (it is retried)."""
+    env = task.env or {}
+    store = run.product_store(env["PRODUCT_CODE"])
+    if store.backend == "local":
+        return
+    store.put_file(BUILD_LOG, env["PATCHCORE_LOG"])
+    store.put_dir(BANK_DIR, env["OUT_DIR"])
+    _remove_build_dir(run, env["PRODUCT_CODE"])
+
+
+def store_failed_build_log(run: PatchcoreRun, task: Any) -> None:
+    """When a build try fails (the task's retry and failure callbacks): with the ``storage`` run store,
+    store its log so the run's record names the script's error. Never raises."""
+    env = task.env or {}
+    try:
+        store = run.product_store(env["PRODUCT_CODE"])
+        if store.backend == "local":
+            return
+        if env.get("PATCHCORE_LOG") and Path(env["PATCHCORE_LOG"]).is_file():
+            store.put_file(BUILD_LOG, env["PATCHCORE_LOG"])
+        _remove_build_dir(run, env["PRODUCT_CODE"])
+    except Exception as exc:  # a callback must not hide the build's own failure
+        log.warning("Could not store the build log of %s: %s: %s", env.get("PRODUCT_CODE"), type(exc).__name__, exc)
+
+
+def _remove_build_dir(run: PatchcoreRun, code: str) -> None:
+    """Remove a build's local scratch (and its run's folder once no other product's build uses it)."""
+    workspace = run.build_dir(code)
+    shutil.rmtree(workspace, ignore_errors=True)
+    try:
+        workspace.parent.rmdir()
+    except OSError:  # another product of the run builds here, or it is gone already
+        pass
+
+
+def read_build_log(run: PatchcoreRun, code: str) -> str:
+    """The product's build log (``""`` if the build did not run or left none)."""
+    try:
+        return run.product_store(code).read_text(BUILD_LOG)
+    except RunFileMissing:
+        return ""
 
 
 def parse_build_summary(text: str | None) -> dict[str, Any] | None:
@@ -330,38 +464,45 @@ def publish_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any
     from inspection_refresh.patchcore.bank import validate_bank
 
     code = product["product_code"]
-    with record_stage(run.product_dir(code), "publish") as stage:
-        staging = Path(read_json(run.product_dir(code) / "stage-download.json")["facts"]["staging"])
+    store = run.product_store(code)
+    with record_stage(store, "publish") as stage:
+        prepared = store.read_json("stage-download.json")["facts"]
         # Not approved: NothingToDo (the task is skipped); register discards the staged bank.
-        approval.require_approved(run.work_dir, f"the bank of {code}")
+        approval.require_approved(run.store, f"the bank of {code}")
+        # local: the staging directory the build wrote into; storage: a new one on this worker.
+        staging = Path(prepared["staging"]) if store.backend == "local" else run.publisher.stage(code)
         try:
+            if store.backend == "storage":
+                store.get_dir(BANK_DIR, staging)
+                _materialise(run, code, "ok")
             facts = validate_bank(staging, run.expected_config())
-            copy_tree_linked(run.settings.cache_root / PIPELINE / code / "ok", staging / "ok",
-                             ignore=shutil.ignore_patterns(SYNC_STATE_FILE))
+            copy_tree_linked(run.mirror_dir(code) / "ok", staging / "ok", ignore=shutil.ignore_patterns(SYNC_STATE_FILE))
             refuse_publishing_if_run_ended(run.dag_id, run.run_id, f"the bank of {code}")
             # A manual run replaces a rollback's pin; a scheduled one never publishes over it.
             release = run.publisher.publish(code, staging, unpin=not run.scheduled)
         except BaseException:
             run.publisher.discard(staging)
             raise
-        build_log = run.product_dir(code) / "build.log"
-        summary = parse_build_summary(build_log.read_text(errors="replace") if build_log.exists() else None) or {}
+        summary = parse_build_summary(read_build_log(run, code)) or {}
         stage.facts = {**summary, **facts, "version": release.version, "path": str(run.publisher.live_path(code))}
         log.info("Product %s: bank version %s published at %s", code, release.version, stage.facts["path"])
         return stage.facts
 
 
-def _bank_numbers(bank_dir: Path) -> dict[str, Any] | None:
-    """Images, bank size, AUROC and tau of a bank directory (live or staged), from its JSON files."""
+def _bank_numbers(bank_dir: Path | RunStore) -> dict[str, Any] | None:
+    """Images, bank size, AUROC and tau of a bank directory (live or staged), or of the bank a build
+    stored (a run store's folder), from its JSON files."""
     from inspection_refresh.patchcore.bank import CONFIG_FILE, TAU_FILE
 
     try:
-        config = read_json(bank_dir / CONFIG_FILE)
-        tau = read_json(bank_dir / TAU_FILE)
-    except (OSError, ValueError):
+        if isinstance(bank_dir, RunStore):
+            config, tau = bank_dir.read_json(CONFIG_FILE), bank_dir.read_json(TAU_FILE)
+        else:
+            config, tau = read_json(bank_dir / CONFIG_FILE), read_json(bank_dir / TAU_FILE)
+    except (OSError, ValueError):  # RunFileMissing is an OSError
         return None
     images = config.get("num_images")
-    if images is None and (bank_dir / "ok").is_dir():
+    if images is None and isinstance(bank_dir, Path) and (bank_dir / "ok").is_dir():
         images = sum(1 for p in (bank_dir / "ok").iterdir() if p.is_file())
     return {"images": images, "bank_size": config.get("bank_size"), "feature_dim": config.get("feature_dim"),
             "auroc": (config.get("calibration") or {}).get("auroc"), "tau": tau}
@@ -370,23 +511,38 @@ def _bank_numbers(bank_dir: Path) -> dict[str, Any] | None:
 def _awaiting_publish(run: PatchcoreRun, product: dict[str, Any]) -> tuple[str, str | None]:
     """Where a product stands once its build ended: ``("built", None)`` with a bank staged,
     ``("unchanged", version)``, or ``("failed", "<stage>: <reason>")``."""
-    directory = run.product_dir(product["product_code"])
-    path = directory / "stage-download.json"
-    record = read_json(path) if path.exists() else None
+    code = product["product_code"]
+    record = _stage_record(run, code, "download")
     if record is None:
         return "failed", "download: the prepare task did not run"
     if record["status"] == "skipped":
         return "unchanged", record["facts"].get("unchanged")
     if record["status"] != "ok":
         return "failed", f"download: {record['message']}"
-    build_log = directory / "build.log"
-    log_text = build_log.read_text(errors="replace") if build_log.exists() else ""
+    log_text = read_build_log(run, code)
     summary = parse_build_summary(log_text) or {}
-    staging = Path(record["facts"].get("staging", ""))
-    if summary.get("status") == "completed" and (staging / "bank_config.json").is_file():
+    if summary.get("status") == "completed" and _built_bank(run, code, record) is not None:
         return "built", None
     error = (summary.get("error") or _last_error_line(log_text)) if log_text else "the build task did not finish"
     return "failed", f"build: {error}"
+
+
+def _stage_record(run: PatchcoreRun, code: str, stage: str) -> dict[str, Any] | None:
+    """A product's stage record, or ``None`` if that stage left none."""
+    try:
+        return run.product_store(code).read_json(f"stage-{stage}.json")
+    except RunFileMissing:
+        return None
+
+
+def _built_bank(run: PatchcoreRun, code: str, prepared: dict[str, Any]) -> Path | RunStore | None:
+    """Where the product's built bank is before publishing: the staging directory (``local``) or the
+    run store's folder (``storage``); ``None`` when no complete bank is there."""
+    store = run.product_store(code)
+    if store.backend == "storage":
+        return store.within(BANK_DIR) if store.exists(BANK_DIR) else None
+    staging = Path(prepared["facts"].get("staging", ""))
+    return staging if (staging / "bank_config.json").is_file() else None
 
 
 def _change(before: dict[str, Any] | None, after: dict[str, Any] | None, key: str, digits: int) -> str:
@@ -403,10 +559,10 @@ def approval_request(run: PatchcoreRun) -> approval.ApprovalRequest | None:
     """What the approver sees before the products publish: per product to publish, images, bank
     size, AUROC and tau of the live bank and of the new one; the products that failed (they keep
     their bank whatever the answer), unchanged and pinned ones. ``None`` when no bank was built."""
-    listed_path = run.work_dir / "products.json"
-    if not listed_path.exists():
+    try:
+        listed = run.store.read_json("products.json")
+    except RunFileMissing:
         return None
-    listed = read_json(listed_path)
     built, unchanged, failed = {}, {}, {}
     for product in listed["products"]:
         code = product["product_code"]
@@ -416,11 +572,11 @@ def approval_request(run: PatchcoreRun) -> approval.ApprovalRequest | None:
         elif state == "failed":
             failed[code] = detail
         else:
-            staging = Path(read_json(run.product_dir(code) / "stage-download.json")["facts"]["staging"])
+            bank = _built_bank(run, code, _stage_record(run, code, "download"))
             live_version = run.publisher.current(code)
             built[code] = {"live_version": live_version,
                            "before": _bank_numbers(run.publisher.live_path(code)) if live_version else None,
-                           "after": _bank_numbers(staging)}
+                           "after": _bank_numbers(bank)}
     if not built:
         return None
     rows = [[code, numbers["live_version"] or "none",
@@ -454,13 +610,9 @@ def approval_request(run: PatchcoreRun) -> approval.ApprovalRequest | None:
 
 
 def _product_outcome(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any]:
-    directory = run.product_dir(product["product_code"])
-    records = {}
-    for stage in ("download", "publish"):
-        path = directory / f"stage-{stage}.json"
-        records[stage] = read_json(path) if path.exists() else None
-    build_log = directory / "build.log"
-    log_text = build_log.read_text(errors="replace") if build_log.exists() else ""
+    code = product["product_code"]
+    records = {stage: _stage_record(run, code, stage) for stage in ("download", "publish")}
+    log_text = read_build_log(run, code)
     summary = parse_build_summary(log_text) or {}
     outcome: dict[str, Any] = {"product_id": product["product_id"]}
     if records["publish"] and records["publish"]["status"] == "ok":
@@ -475,7 +627,7 @@ def _product_outcome(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, An
     if not records["download"] or records["download"]["status"] != "ok":
         reason = records["download"]["message"] if records["download"] else "download did not run"
         return {**outcome, "status": "failed", "stage": "download", "error": reason}
-    blocked = approval.blocked_message(approval.read_decision(run.work_dir))
+    blocked = approval.blocked_message(approval.read_decision(run.store))
     built = summary.get("status") == "completed"
     if blocked and built and (not records["publish"] or records["publish"]["status"] == "skipped"):
         return {**outcome, "status": "failed", "stage": "approve", "error": blocked, "not_approved": True,
@@ -490,9 +642,10 @@ def _product_outcome(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, An
 
 
 def _discard_staging(run: PatchcoreRun, code: str) -> None:
-    """A failed product's staging directory is never published; remove it now."""
-    record = run.product_dir(code) / "stage-download.json"
-    staging = read_json(record)["facts"].get("staging") if record.exists() else None
+    """A failed product's staging directory is never published; remove it now (``local``: with the
+    ``storage`` run store nothing is staged before publish, which discards its own on failure)."""
+    record = _stage_record(run, code, "download")
+    staging = record["facts"].get("staging") if record else None
     if staging and Path(staging).exists():
         run.publisher.discard(staging)
 
@@ -505,19 +658,27 @@ def _last_error_line(text: str) -> str:
     return lines[-1][-500:] if lines else "the build script failed without output"
 
 
+def _read_or_none(store: RunStore, name: str) -> Any:
+    try:
+        return store.read_json(name)
+    except RunFileMissing:
+        return None
+
+
 def register(run: PatchcoreRun) -> dict[str, Any]:
     """Write the run's one ``patchcore_create`` row with per-product results; return the outcome.
 
     A cleared register whose run already closed its row and removed its work files (a
     completed run) returns what the row says instead of rewriting it as failed.
     """
-    listed_path = run.work_dir / "products.json"
-    work_files_gone = not listed_path.exists() and not (run.work_dir / "stage-list_products.json").exists()
+    store = run.store
+    listed = _read_or_none(store, "products.json")
+    work_files_gone = listed is None and not store.exists("stage-list_products.json")
     if work_files_gone and _db_configured(run.settings.db_conn_id):
         recorded = recorded_outcome(DeploymentRegistry(run.settings.db_conn_id), run.dag_id, run.run_id)
         if recorded:
             return recorded
-    listed = read_json(listed_path) if listed_path.exists() else {"products": [], "history": True}
+    listed = listed if listed is not None else {"products": [], "history": True}
     results = {p["product_code"]: _product_outcome(run, p) for p in listed["products"]}
     pinned = listed.get("pinned", {})
     failed = {code: r for code, r in results.items() if r["status"] not in ("published", "unchanged")}
@@ -525,8 +686,8 @@ def register(run: PatchcoreRun) -> dict[str, Any]:
         _discard_staging(run, code)
     published = [code for code, r in results.items() if r["status"] == "published"]
     if not results and not pinned:
-        stage_path = run.work_dir / "stage-list_products.json"
-        reason = read_json(stage_path)["message"] if stage_path.exists() else "see the list_products task log"
+        stage_record = _read_or_none(store, "stage-list_products.json")
+        reason = stage_record["message"] if stage_record else "see the list_products task log"
         status, text = "failed", f"no products were built: {reason}"
     elif failed:
         status = "failed"
@@ -556,7 +717,7 @@ def register(run: PatchcoreRun) -> dict[str, Any]:
     if run.weights == "random":
         text += " — RANDOM backbone weights (demo/test only)"
     result_data = {"products": results, "pinned": pinned,
-                   "approval": approval.decision_facts(approval.read_decision(run.work_dir)), "settings": {
+                   "approval": approval.decision_facts(approval.read_decision(store)), "settings": {
         "coreset": run.coreset, "shorter": run.shorter, "stride": run.stride, "layers": list(run.layers),
         "weights": run.weights, "script": str(run.script or BUNDLED_SCRIPT)}}
     deploy_id = None
@@ -568,5 +729,5 @@ def register(run: PatchcoreRun) -> dict[str, Any]:
         log.warning("No deployment_logs row: connection %r is not configured", run.settings.db_conn_id)
     log.info("PatchCore run %s: %s", status, text)
     if status == "completed":
-        remove_run_work_dir(run.settings.cache_root, PIPELINE, run.run_id)
+        store.remove_run()
     return {"deploy_id": deploy_id, "status": status, "message": text, "products": results}

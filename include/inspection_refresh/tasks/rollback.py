@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +23,9 @@ from inspection_refresh.airflow_support import PermanentError
 from inspection_refresh.config import Settings, get_settings
 from inspection_refresh.publish import Publisher, PublishError, check_name
 from inspection_refresh.registry import DeploymentRegistry
+from inspection_refresh.runstore import RunStore
 from inspection_refresh.tasks.clip_index import INDEX_TYPES
-from inspection_refresh.tasks.common import (
-    ROLLBACK_DAG_ID, prune_run_work_dirs, recorded_outcome, remove_run_work_dir, run_work_dir,
-)
+from inspection_refresh.tasks.common import ROLLBACK_DAG_ID, recorded_outcome, run_work_dir
 from inspection_refresh.tasks.stages import read_stages, record_stage
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,13 @@ class RollbackRun:
 
     @property
     def work_dir(self) -> Path:
+        """The run's work directory on this host (what the ``local`` run store uses)."""
         return run_work_dir(self.settings.cache_root, PIPELINE, self.run_id)
+
+    @cached_property
+    def store(self) -> RunStore:
+        """Where ``rollback`` leaves its record for ``register`` (``INSPECTION_RUN_STORE``)."""
+        return RunStore.for_run(PIPELINE, self.run_id, self.settings)
 
     @property
     def action(self) -> str:
@@ -91,8 +97,8 @@ class RollbackRun:
 
 def roll_back(run: RollbackRun) -> dict[str, Any]:
     """Re-publish the requested version and pin it, or (``unpin``) remove the pin; returns what changed."""
-    prune_run_work_dirs(run.settings.cache_root, PIPELINE)
-    with record_stage(run.work_dir, STAGE) as stage:
+    run.store.sweep()  # what failed runs left, after INSPECTION_RUN_RETENTION_DAYS
+    with record_stage(run.store, STAGE) as stage:
         stage.facts = {"artefact": run.artefact, "action": run.action}  # recorded even if what follows fails
         artefact = resolve_artefact(run.artefact, run.settings)
         publisher, name = artefact.publisher, artefact.name
@@ -137,7 +143,7 @@ def _message(run: RollbackRun, record: dict[str, Any]) -> tuple[str, str]:
 def register(run: RollbackRun) -> dict[str, Any]:
     """Write the run's ``rollback`` row in ``deployment_logs`` as completed or failed; return the outcome."""
     registry = DeploymentRegistry(run.settings.db_conn_id)
-    record = read_stages(run.work_dir, [STAGE])[STAGE]
+    record = read_stages(run.store, [STAGE])[STAGE]
     if record["status"] == "not run":
         recorded = recorded_outcome(registry, run.dag_id, run.run_id)  # a cleared register of a completed run
         if recorded:
@@ -151,5 +157,5 @@ def register(run: RollbackRun) -> dict[str, Any]:
                                 result_data=result_data, deployed_by=run.deployed_by)
     log.info("%s", text)
     if status == "completed":
-        remove_run_work_dir(run.settings.cache_root, PIPELINE, run.run_id)
+        run.store.remove_run()
     return {"deploy_id": deploy_id, "status": status, "message": text, **result_data}

@@ -206,3 +206,28 @@ def test_lanes_and_workers_give_the_same_vectors(clip_model, image_paths):
         other = embed_files(image_paths, clip_model, batch_size=3, num_workers=workers, lanes=lanes)
         assert other.ok_indices == reference.ok_indices
         np.testing.assert_allclose(other.vectors, reference.vectors, atol=1e-5)
+
+
+def _embed_in_a_daemonic_process(checkpoint: str, paths: list[str], results) -> None:
+    try:
+        model = embed.load_model("ViT-B-32", checkpoint, device="cpu")
+        result = embed_files(paths, model, batch_size=3, num_workers=1, lanes=1)
+        results.put(("ok", result.vectors))
+    except BaseException as exc:  # reported by the test
+        results.put(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def test_a_daemonic_process_decodes_itself(clip_checkpoint, clip_model, image_paths):
+    """An Airflow task run by a Celery prefork worker is daemonic: no DataLoader worker processes there."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    child = context.Process(target=_embed_in_a_daemonic_process, daemon=True,
+                            args=(str(clip_checkpoint), [str(p) for p in image_paths], results))
+    child.start()
+    status, value = results.get(timeout=300)
+    child.join(60)
+    assert status == "ok", value
+    reference = embed_files(image_paths, clip_model, batch_size=3, num_workers=0, lanes=1)
+    np.testing.assert_allclose(value, reference.vectors, atol=1e-5)
