@@ -84,7 +84,22 @@ def artefacts(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def airflow_ui(s3_server, mysql_database, tmp_path_factory):
+def ui_database(mysql_database):
+    """A database of this module's own: the demo seed writes its products there, not into the tables
+    other tests of the session fill with their own products."""
+    import MySQLdb
+
+    name = f"{mysql_database['database']}_ui"
+    settings = {k: mysql_database[k] for k in ("host", "port", "user", "password")}
+    conn = MySQLdb.connect(**settings)
+    conn.cursor().execute(f"CREATE DATABASE `{name}`")
+    yield name
+    conn.cursor().execute(f"DROP DATABASE IF EXISTS `{name}`")
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def airflow_ui(s3_server, mysql_database, ui_database, tmp_path_factory):
     """The real airflow-ui.sh with sign-in required, started and ready (all DAGs parsed); stopped at the end."""
     _chromium()  # skip before spending a minute on Airflow
     # Big files (the random CLIP checkpoint, image mirrors) go to the session dir, removed after the run.
@@ -99,7 +114,7 @@ def airflow_ui(s3_server, mysql_database, tmp_path_factory):
         "INSPECTION_DATA_ROOT": str(home / "data"),
         "INSPECTION_STATE_DIR": str(home / "state"),
         # the script seeds the demo samples itself (INSPECTION_UI_SEED unset), into this throw-away database
-        "INSPECTION_DEMO_DATABASE": mysql_database["database"],
+        "INSPECTION_DEMO_DATABASE": ui_database,
         # no scheduled CLIP run on unpausing (it would hold max_active_runs=1 and load the 2 cores): manual runs only
         "INSPECTION_CLIP_SCHEDULE": "none",
         "INSPECTION_S3_PORT": str(s3_server.port),
@@ -402,14 +417,14 @@ def test_roll_back_to_the_older_version_from_the_live_page(airflow_ui, ui):
 
 def test_reloading_after_a_roll_back_triggers_nothing_and_leads_back(airflow_ui, ui):
     """The UI's address follows the frame, so after Roll back it ends in ``/deployments/rollback``; reloading the
-    page loads that address with GET: no second rollback run, and a way back to Live now."""
+    page loads that address with GET: no second rollback run; the console answers with the Live now page."""
     from playwright.sync_api import expect
 
     (run_id,) = _needs("rollback_run")
     with ui.step("deployments-reload-after-rollback"):
         assert ui.page.url.endswith("/plugin/deployments/deployments/rollback"), ui.page.url
         ui.page.reload()
-        expect(ui.console.get_by_role("link", name="Back to Live now")).to_be_visible()
+        expect(_card(ui)).to_be_visible()  # redirected to Live now
         ui.screenshot("deployments-reload-after-rollback")
     runs = airflow_ui.api("GET", f"/api/v2/dags/{ROLLBACK_DAG}/dagRuns", params={"limit": 50})["dag_runs"]
     console_runs = [run["dag_run_id"] for run in runs if (run.get("conf") or {}).get("version") == CONSOLE["old"]]
