@@ -29,12 +29,17 @@ ensure_system_packages() {
   if ! port_open 127.0.0.1 3306 && ! command -v mariadbd >/dev/null && ! command -v mysqld >/dev/null; then
     wanted+=(mariadb-server)
   fi
-  local missing=()
-  for pkg in "${wanted[@]}"; do
+  install_missing_packages "system packages" "${wanted[@]}"
+}
+
+install_missing_packages() {  # what-for package...
+  local what="$1" missing=() pkg
+  shift
+  for pkg in "$@"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
   done
   if ((${#missing[@]})); then
-    say "Installing system packages: ${missing[*]}"
+    say "Installing $what: ${missing[*]}"
     as_root apt-get update -qq
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
@@ -44,21 +49,14 @@ ensure_system_packages() {
 # downloads are not possible everywhere), and a Redis server and PostgreSQL for the CeleryExecutor tests
 # when none answers.
 ensure_test_packages() {
-  local wanted=(chromium) missing=() pkg
+  local wanted=(chromium)
   if ! port_open 127.0.0.1 6379 && ! command -v redis-server >/dev/null; then
     wanted+=(redis-server)
   fi
   if ! port_open 127.0.0.1 5432 && [ -z "$(postgres_bin initdb)" ]; then
     wanted+=(postgresql)
   fi
-  for pkg in "${wanted[@]}"; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
-  done
-  if ((${#missing[@]})); then
-    say "Installing system packages for the tests: ${missing[*]}"
-    as_root apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "${missing[@]}" >/dev/null
-  fi
+  install_missing_packages "system packages for the tests" "${wanted[@]}"
 }
 
 python_for_venv() {
