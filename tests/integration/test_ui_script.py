@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import psutil
 import pytest
 
 from tests.conftest import REPO, S3_ACCESS_KEY, _free_port
+from tests.integration.airflow_browser import _alive, _cmdline, _port_answers, _session
 
 
 pytestmark = pytest.mark.slow
@@ -60,39 +60,6 @@ def ui_env(ui_home, tmp_path, s3_server, mysql_database) -> dict[str, str]:
         "NO_COLOR": "1",
     })
     return env
-
-
-def _port_answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
-def _session(leader: int) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if os.getsid(process.pid) == leader and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-        except (OSError, psutil.Error):
-            pass
-    return found
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _cmdline(process: psutil.Process) -> str:
-    try:
-        return " ".join(process.cmdline())
-    except psutil.Error:
-        return ""
 
 
 def _start_ui(env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen, int, list[psutil.Process]]:
