@@ -29,6 +29,8 @@ import time
 import uuid
 from pathlib import Path
 
+from inspection_refresh import compose
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results" / "console.json"
 TARGET_SECONDS = 1.0
@@ -84,7 +86,7 @@ def publish_artefacts() -> None:
     from inspection_refresh.config import get_settings
 
     settings = get_settings()
-    index, banks = settings.index_publisher(), settings.patchcore_publisher()
+    index, banks = compose.index_publisher(settings), compose.patchcore_publisher(settings)
     for k in range(5):
         version = f"2026110{k + 1}T020000000000Z"
         for name in ("normal", "defect"):
@@ -151,15 +153,13 @@ def main() -> int:
         import logging
 
         logging.disable(logging.WARNING)
-        from fastapi import FastAPI
-        from fastapi.testclient import TestClient
-
         from airflow.api_fastapi.app import init_auth_manager
         from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+        from fastapi import FastAPI
+        from fastapi.testclient import TestClient
         from inspection_refresh.console.app import create_app
-        from inspection_refresh.registry import DeploymentRegistry
 
-        registry = DeploymentRegistry("bench_db")
+        registry = compose.deployment_registry("bench_db")
         registry.ensure_tables()
         conn = MySQLdb.connect(**mysql, database=database, autocommit=True)
         conn.cursor().executemany(

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from inspection_refresh import compose
+
 RESULTS = Path(__file__).resolve().parent / "results" / "storage.json"
 
 
@@ -65,11 +67,10 @@ def main() -> int:
         from inspection_refresh.dev.demo import seed_storage
         from inspection_refresh.dev.ncp_emulator import set_faults
         from inspection_refresh.images import reject_reason
-        from inspection_refresh.storage import ObjectStorage
 
         print("Seeding the demo image set ...", flush=True)
         seeded = seed_storage(normal_per_product=args.normal_per_product)
-        storage = ObjectStorage(max_transfers=args.transfers)
+        storage = compose.object_storage(max_transfers=args.transfers)
         objects = [o for o in storage.list_objects("images/") if reject_reason(o) is None]
         total_mb = sum(o.size for o in objects) / 1e6
         print(f"{len(objects)} images, {total_mb:.1f} MB", flush=True)

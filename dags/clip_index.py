@@ -7,15 +7,14 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from inspection_refresh.airflow_support import (
-    APPROVAL_PARAM, DEFAULT_ARGS, START_DATE, PublishApproval, close_deployment_on_failure, fail_permanent_errors,
-    fail_unless_completed, run_identity,
-)
+from airflow.sdk import DAG, Asset, Param, get_current_context, task
 from inspection_refresh.config import get_settings
+from inspection_refresh.operators import (
+    APPROVAL_PARAM, PublishApproval, deployment_dag_args, executor_args, queue_args,
+)
+from inspection_refresh.runtime import fail_permanent_errors, fail_unless_completed, run_identity
 from inspection_refresh.tasks import clip_index as pipeline
 from inspection_refresh.tasks.common import NothingToDo
-
-from airflow.sdk import DAG, Asset, Param, get_current_context, task
 
 try:
     from airflow.sdk.exceptions import AirflowSkipException
@@ -86,12 +85,8 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
         description=f"Rebuild and deploy the CLIP {index_type}-image similarity index",
         doc_md=DOC_MD.format(index_type=index_type),
         schedule=settings.clip_schedule,
-        start_date=START_DATE,
-        catchup=False,
-        max_active_runs=1,
         dagrun_timeout=DAGRUN_TIMEOUT,
-        on_failure_callback=close_deployment_on_failure,
-        default_args=DEFAULT_ARGS,
+        **deployment_dag_args(),
         tags=["clip", "faiss", "deployment", index_type],
         params={
             "prefix": Param(default_prefix, type="string", title="Storage prefix",
@@ -120,7 +115,7 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
 
         # One pool slot per download thread: at most INSPECTION_MAX_TRANSFERS transfers across all DAGs.
         @task(execution_timeout=timedelta(minutes=30), pool=settings.transfer_pool,
-              pool_slots=settings.max_transfers, **settings.queue_args())
+              pool_slots=settings.max_transfers, **queue_args(settings))
         def download() -> dict:
             with fail_permanent_errors():
                 try:
@@ -129,18 +124,18 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
                     raise AirflowSkipException(str(skip)) from None
 
         # The heavy task: INSPECTION_HEAVY_QUEUE (e.g. the GPU workers), a GPU pod with INSPECTION_HEAVY_POD_GPUS.
-        @task(execution_timeout=timedelta(minutes=60), retries=1, **settings.queue_args(heavy=True),
-              **settings.executor_args(heavy=True))
+        @task(execution_timeout=timedelta(minutes=60), retries=1, **queue_args(settings, heavy=True),
+              **executor_args(settings, heavy=True))
         def embed() -> dict:
             with fail_permanent_errors():
                 return pipeline.embed(current_run())
 
-        @task(execution_timeout=timedelta(minutes=20), **settings.queue_args())
+        @task(execution_timeout=timedelta(minutes=20), **queue_args(settings))
         def index_save() -> dict:
             with fail_permanent_errors():
                 return pipeline.index_save(current_run())
 
-        @task(execution_timeout=timedelta(minutes=10), **settings.queue_args())
+        @task(execution_timeout=timedelta(minutes=10), **queue_args(settings))
         def publish() -> dict:
             with fail_permanent_errors():
                 try:
@@ -148,7 +143,7 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
                 except NothingToDo as refused:  # not approved
                     raise AirflowSkipException(str(refused)) from None
 
-        @task(trigger_rule="all_done", outlets=[asset], execution_timeout=timedelta(minutes=5), **settings.queue_args())
+        @task(trigger_rule="all_done", outlets=[asset], execution_timeout=timedelta(minutes=5), **queue_args(settings))
         def register() -> dict:
             try:
                 outcome = fail_unless_completed(pipeline.register(current_run()))
@@ -163,7 +158,7 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
         # Waits only when the run requires approval; its response timeout is set per run (see DOC_MD).
         approve = PublishApproval(task_id="approve", current_run=current_run, summarize=pipeline.approval_request,
                                   longest_wait=settings.approval_timeout, execution_timeout=timedelta(minutes=5),
-                                  **settings.queue_args())
+                                  **queue_args(settings))
         staged >> approve >> publish() >> register()
     return dag
 

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from inspection_refresh.airflow_support import (
-    DEFAULT_ARGS, START_DATE, close_deployment_on_failure, fail_permanent_errors, fail_unless_completed,
-    run_identity,
-)
-from inspection_refresh.config import get_settings
-from inspection_refresh.tasks import rollback as pipeline
-
 from airflow.sdk import DAG, Param, get_current_context, task
+from inspection_refresh.config import get_settings
+from inspection_refresh.operators import deployment_dag_args, queue_args
+from inspection_refresh.runtime import fail_permanent_errors, fail_unless_completed, run_identity
+from inspection_refresh.tasks import rollback as pipeline
 
 DOC_MD = """
 ### Roll back a deployment
@@ -44,12 +41,8 @@ with DAG(
     description="Re-publish a kept version of a CLIP index or PatchCore bank and pin it",
     doc_md=DOC_MD,
     schedule=None,
-    start_date=START_DATE,
-    catchup=False,
-    max_active_runs=1,
     dagrun_timeout=timedelta(hours=1),
-    on_failure_callback=close_deployment_on_failure,
-    default_args=DEFAULT_ARGS,
+    **deployment_dag_args(),
     tags=["deployment", "rollback", "clip", "patchcore"],
     params={
         "artefact": Param("clip:normal", type="string", minLength=1, title="Artefact",
@@ -71,12 +64,12 @@ with DAG(
                                     dag_id=context["dag"].dag_id)
 
     # Not retried: a retry of "previous" after a swap would roll back one version further.
-    @task(retries=0, execution_timeout=timedelta(minutes=30), **settings.queue_args())
+    @task(retries=0, execution_timeout=timedelta(minutes=30), **queue_args(settings))
     def rollback() -> dict:
         with fail_permanent_errors():
             return pipeline.roll_back(current_run())
 
-    @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=5), **settings.queue_args())
+    @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=5), **queue_args(settings))
     def register() -> dict:
         return fail_unless_completed(pipeline.register(current_run()))
 

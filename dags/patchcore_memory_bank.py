@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from inspection_refresh.airflow_support import (
-    APPROVAL_PARAM, DEFAULT_ARGS, START_DATE, PublishApproval, close_deployment_on_failure, fail_permanent_errors,
-    fail_unless_completed, run_identity,
-)
-from inspection_refresh.config import get_settings
-from inspection_refresh.tasks import patchcore as pipeline
-from inspection_refresh.tasks.common import NothingToDo
-
 from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG, Asset, AssetAlias, Param, get_current_context, task, task_group
+from inspection_refresh.config import get_settings
+from inspection_refresh.operators import (
+    APPROVAL_PARAM, PublishApproval, deployment_dag_args, executor_args, queue_args,
+)
+from inspection_refresh.runtime import fail_permanent_errors, fail_unless_completed, run_identity
+from inspection_refresh.tasks import patchcore as pipeline
+from inspection_refresh.tasks.common import NothingToDo
 
 try:
     from airflow.sdk.exceptions import AirflowSkipException
@@ -79,12 +78,8 @@ with DAG(
     description="Rebuild and deploy the PatchCore memory bank of each product",
     doc_md=DOC_MD,
     schedule=settings.patchcore_schedule,
-    start_date=START_DATE,
-    catchup=False,
-    max_active_runs=1,
     dagrun_timeout=DAGRUN_TIMEOUT,
-    on_failure_callback=close_deployment_on_failure,
-    default_args=DEFAULT_ARGS,
+    **deployment_dag_args(),
     tags=["patchcore", "anomaly-detection", "deployment"],
     params={
         "products": Param([], type="array", items={"type": "string"}, title="Products",
@@ -124,7 +119,7 @@ with DAG(
     def store_failed_build_log(context) -> None:
         pipeline.store_failed_build_log(current_run(context), context["task"])
 
-    @task(execution_timeout=timedelta(minutes=5), **settings.queue_args())
+    @task(execution_timeout=timedelta(minutes=5), **queue_args(settings))
     def list_products() -> list[dict]:
         with fail_permanent_errors():
             return pipeline.list_products(current_run())
@@ -134,13 +129,13 @@ with DAG(
     approve = PublishApproval(task_id="approve", current_run=current_run, summarize=pipeline.approval_request,
                               approve_scheduled=settings.approve_scheduled_patchcore,
                               longest_wait=settings.approval_timeout, trigger_rule="all_done",
-                              execution_timeout=timedelta(minutes=5), **settings.queue_args())
+                              execution_timeout=timedelta(minutes=5), **queue_args(settings))
 
     @task_group(group_id="product")
     def product_pipeline(product: dict):
         # One pool slot per download thread: at most INSPECTION_MAX_TRANSFERS transfers across all DAGs.
         @task(map_index_template="{{ product_code }}", execution_timeout=timedelta(minutes=30),
-              pool=settings.transfer_pool, pool_slots=settings.patchcore_transfers, **settings.queue_args())
+              pool=settings.transfer_pool, pool_slots=settings.patchcore_transfers, **queue_args(settings))
         def prepare(product: dict) -> dict:
             get_current_context()["product_code"] = product.get("label", product["product_code"])
             with fail_permanent_errors():
@@ -166,12 +161,12 @@ with DAG(
             post_execute=lambda context, result: pipeline.store_build_outputs(current_run(context), context["task"]),
             on_retry_callback=store_failed_build_log,
             on_failure_callback=store_failed_build_log,
-            **settings.queue_args(heavy=True),
-            **settings.executor_args(heavy=True),
+            **queue_args(settings, heavy=True),
+            **executor_args(settings, heavy=True),
         )
 
         @task(map_index_template="{{ product_code }}", retries=0, outlets=[BANKS],
-              execution_timeout=timedelta(minutes=10), **settings.queue_args())
+              execution_timeout=timedelta(minutes=10), **queue_args(settings))
         def publish(product: dict) -> dict:
             context = get_current_context()
             context["product_code"] = product["product_code"]
@@ -191,7 +186,7 @@ with DAG(
         env >> build >> published
         build >> approve >> published
 
-    @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=5), **settings.queue_args())
+    @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=5), **queue_args(settings))
     def register() -> dict:
         return fail_unless_completed(pipeline.register(current_run()))
 

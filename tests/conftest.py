@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from inspection_refresh import compose
 
 REPO = Path(__file__).resolve().parents[1]
 SESSION_DIR = Path(tempfile.mkdtemp(prefix="inspection-tests-"))
@@ -106,9 +107,8 @@ class S3Server:
 def s3_server():
     server = S3Server()
     os.environ["AIRFLOW_CONN_NCP_OBJECT_STORAGE"] = storage_connection(server.endpoint)
-    from inspection_refresh.storage import ObjectStorage
 
-    client = ObjectStorage().client
+    client = compose.object_storage().client
     client.create_bucket(Bucket=TEST_BUCKET, CreateBucketConfiguration={"LocationConstraint": "kr-standard"})
     yield server
     server.stop()
@@ -117,10 +117,9 @@ def s3_server():
 @pytest.fixture
 def storage(s3_server):
     """A fresh bucket per test, through the project's storage layer."""
-    from inspection_refresh.storage import ObjectStorage
 
     bucket = f"t-{uuid.uuid4().hex[:12]}"
-    store = ObjectStorage(bucket=bucket, max_transfers=4, backoff_seconds=0.05)
+    store = compose.object_storage(bucket=bucket, max_transfers=4, backoff_seconds=0.05)
     store.client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "kr-standard"})
     return store
 

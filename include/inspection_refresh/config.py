@@ -1,10 +1,12 @@
 """Deployment settings, read from the environment in one place.
 
-Every value has a production default that matches the service's layout
-(CONTRACT.md); the demo and the tests override them through environment
-variables. Per-run choices (model, batch size, products, ...) are DAG params,
-not settings. Secrets never live here: credentials come from the Airflow
-connections named below.
+Every value has a production default that matches the service's layout; the demo
+and the tests override them through environment variables. Per-run choices (model,
+batch size, products, ...) are DAG params, not settings. Secrets never live here:
+credentials come from the Airflow connections named below.
+
+A leaf: it imports nothing of the package. What is built from settings (storage,
+publishers, release channels, the registry) is built in :mod:`inspection_refresh.compose`.
 """
 
 from __future__ import annotations
@@ -14,9 +16,15 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from inspection_refresh.publish import Publisher, default_releases_dir
-
 ENV_PREFIX = "INSPECTION_"
+RELEASES_SUFFIX = ".releases"
+
+
+def default_releases_dir(root: str | os.PathLike) -> Path:
+    """Where the kept versions of ``root`` live unless set: the sibling ``<root>.releases``
+    (outside the root the service scans, on the same filesystem)."""
+    root = Path(os.path.abspath(root))
+    return root.with_name(root.name + RELEASES_SUFFIX)
 
 
 def _env(name: str, default: str) -> str:
@@ -171,58 +179,6 @@ class Settings:
             channel_conn_id=_env_optional("CHANNEL_CONN_ID", None),
             channel_bucket=_env_optional("CHANNEL_BUCKET", None),
         )
-
-    def release_channel(self, kind: str):
-        """The :class:`~inspection_refresh.channel.ReleaseChannel` of ``kind`` (``clip``, ``patchcore``), or
-        ``None`` when ``publish_targets`` is ``local``."""
-        if self.publish_targets == "local":
-            return None
-        from inspection_refresh.channel import ReleaseChannel
-        from inspection_refresh.storage import ObjectStorage
-
-        storage = ObjectStorage(self.channel_conn_id or self.storage_conn_id, self.channel_bucket)
-        return ReleaseChannel(storage, kind, self.channel_prefix, keep=self.keep_versions)
-
-    def queue_args(self, *, heavy: bool = False) -> dict[str, str]:
-        """An operator's routing keyword: ``{"queue": name}``, or ``{}`` for Airflow's default queue.
-
-        :param heavy: the task is compute-heavy (CLIP ``embed``, PatchCore ``build``): ``heavy_queue``
-            first, then ``default_queue``.
-        """
-        queue = (self.heavy_queue if heavy else None) or self.default_queue
-        return {"queue": queue} if queue else {}
-
-    def executor_args(self, *, heavy: bool = False) -> dict:
-        """An operator's ``executor_config`` keyword for the KubernetesExecutor: for a heavy task, when
-        ``heavy_pod_gpus`` is set, a ``pod_override`` whose ``base`` container requests that many
-        ``nvidia.com/gpu``; else ``{}``.
-
-        The pod is a ``kubernetes.client`` ``V1Pod`` (the only form Airflow's Kubernetes provider takes),
-        built here, lazily: without the setting the kubernetes client is never imported.
-        """
-        if not heavy or not self.heavy_pod_gpus:
-            return {}
-        try:
-            from kubernetes.client import models as k8s
-        except ImportError as exc:
-            raise RuntimeError(
-                "INSPECTION_HEAVY_POD_GPUS is set, but the kubernetes client is not installed: install "
-                "apache-airflow-providers-cncf-kubernetes (the KubernetesExecutor needs it anyway) or unset it"
-            ) from exc
-        gpus = str(self.heavy_pod_gpus)
-        container = k8s.V1Container(name="base", resources=k8s.V1ResourceRequirements(
-            requests={"nvidia.com/gpu": gpus}, limits={"nvidia.com/gpu": gpus}))
-        return {"executor_config": {"pod_override": k8s.V1Pod(spec=k8s.V1PodSpec(containers=[container]))}}
-
-    def index_publisher(self) -> Publisher:
-        """Publishes the CLIP indexes (``normal``, ``defect``) under ``index_root``."""
-        return Publisher(self.index_root, keep=self.keep_versions, releases=self.index_releases,
-                         channel=self.release_channel("clip"))
-
-    def patchcore_publisher(self) -> Publisher:
-        """Publishes the PatchCore banks (one name per product code) under ``patchcore_root``."""
-        return Publisher(self.patchcore_root, keep=self.keep_versions, releases=self.patchcore_releases,
-                         channel=self.release_channel("patchcore"))
 
 
 def get_settings() -> Settings:

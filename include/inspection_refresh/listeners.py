@@ -36,7 +36,7 @@ def close_deployment_of_run_set_by_operator(dag_run: Any, state: str, msg: str) 
     dag = getattr(dag_run, "dag", None)
     if dag is None or DEPLOYMENT_TAG not in (getattr(dag, "tags", None) or ()):
         return False  # another team's DAG: no deployment row, and no query for it
-    from inspection_refresh.airflow_support import close_open_deployment
+    from inspection_refresh.runtime import close_open_deployment
 
     return close_open_deployment(
         dag_run.dag_id, dag_run.run_id,
@@ -83,12 +83,11 @@ def fail_run_needing_missing_pools(dag_run: Any, msg: str) -> list[str]:
     dag = getattr(dag_run, "dag", None)
     if msg != "started" or dag is None or DEPLOYMENT_TAG not in (getattr(dag, "tags", None) or ()):
         return []
-    from sqlalchemy import select
-    from sqlalchemy.orm import object_session
-
     from airflow.models.pool import Pool
     from airflow.utils import timezone
     from airflow.utils.state import DagRunState
+    from sqlalchemy import select
+    from sqlalchemy.orm import object_session
 
     session = object_session(dag_run)
     if session is None:

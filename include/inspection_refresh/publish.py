@@ -28,15 +28,10 @@ replaces the rollback).
 
 Roots published by older code kept versions in ``root/.releases/``; the next
 publish, stage or rollback moves them out without ``root/name`` ever being
-missing (see :meth:`Publisher._migrate_old_layout`).
+missing (see :mod:`inspection_refresh.publish_migration`, which also turns a plain
+directory at ``root/name`` into a kept version).
 
-Command line (one-step rollback)::
-
-    inspection-publish list     --root /data/inspection/clip_index --name normal
-    inspection-publish rollback --root /data/inspection/clip_index --name normal [--to VERSION]
-    inspection-publish unpin    --root /data/inspection/clip_index --name normal
-    inspection-publish push     --root /data/inspection/clip_index --name normal [--to VERSION]
-    inspection-publish pull     [--artefact clip:normal ...] [--watch --interval 60]   (serving hosts)
+The command line (``inspection-publish list|rollback|unpin|push|pull``) is :mod:`inspection_refresh.cli`.
 
 With a release channel (``INSPECTION_PUBLISH_TARGETS`` = ``channel`` or ``both``, see
 :mod:`inspection_refresh.channel`) publish, rollback, pin and unpin also go to object
@@ -46,9 +41,6 @@ swap, and a pin recorded in the channel is a pin for every publisher that shares
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import errno
 import fcntl
 import getpass
 import json
@@ -56,28 +48,22 @@ import logging
 import os
 import re
 import shutil
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from inspection_refresh.config import default_releases_dir
 from inspection_refresh.files import copy_tree_linked, write_json_atomic
-
-if TYPE_CHECKING:  # pragma: no cover
-    from inspection_refresh.channel import ReleaseChannel
+from inspection_refresh.publish_migration import OLD_RELEASES_DIR, adopt_plain_directory, migrate_old_layout
 
 log = logging.getLogger(__name__)
 
-RELEASES_SUFFIX = ".releases"
-"""The default releases directory of ``/data/patchCore`` is ``/data/patchCore.releases``."""
 MARKER_FILE = ".inspection-releases"
 """Written into every releases directory (it holds the root's path) so tools can recognise one."""
-OLD_RELEASES_DIR = ".releases"
-"""Where older code kept versions: inside the root, where the service mistook it for a product."""
 PIN_FILE = ".pin.json"
 """Per name in the releases directory: the pinned version, who pinned it, when, from which run."""
 _STAGING_PREFIX = ".staging-"
@@ -113,12 +99,6 @@ def check_name(name: str) -> str:
     return name
 
 
-def default_releases_dir(root: str | os.PathLike) -> Path:
-    """The sibling ``<root>.releases`` (``/data/patchCore`` -> ``/data/patchCore.releases``)."""
-    root = Path(os.path.abspath(root))
-    return root.with_name(root.name + RELEASES_SUFFIX)
-
-
 def is_published_root(path: str | os.PathLike) -> bool:
     """Whether :class:`Publisher` manages ``path``, so nothing else should write into it.
 
@@ -138,34 +118,29 @@ def is_published_root(path: str | os.PathLike) -> bool:
     return False
 
 
-class _ExchangeUnsupported(OSError):
-    """The kernel, C library or filesystem cannot exchange two paths atomically."""
-
-
-def _exchange(first: Path, second: Path) -> None:
-    """Swap two paths in one step with Linux ``renameat2(RENAME_EXCHANGE)``.
-
-    ``os.replace`` cannot put a symlink where a non-empty directory is; exchanging them
-    does, without a moment where neither is there.
-    """
-    at_fdcwd, rename_exchange = -100, 2
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (AttributeError, OSError, TypeError) as exc:
-        raise _ExchangeUnsupported(errno.ENOSYS, "renameat2 is not available") from exc
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) != 0:
-        code = ctypes.get_errno()
-        error = _ExchangeUnsupported if code in (errno.ENOSYS, errno.EINVAL) else OSError
-        raise error(code, os.strerror(code), str(first), None, str(second))
-
-
 def _remove(path: Path) -> None:
     """Remove a leftover whatever it is: a symlink, a file or a directory tree."""
     if path.is_symlink() or path.is_file():
         path.unlink(missing_ok=True)
     else:
         shutil.rmtree(path, ignore_errors=True)
+
+
+class Channel(Protocol):
+    """What a :class:`Publisher` asks of its release channel (:class:`inspection_refresh.channel.ReleaseChannel`,
+    which builds on this module: hence a protocol, not an import)."""
+
+    def read_pin(self, name: str) -> dict[str, Any] | None: ...
+
+    def write_pin(self, name: str, pin: dict[str, Any]) -> None: ...
+
+    def remove_pin(self, name: str) -> dict[str, Any] | None: ...
+
+    def publish(self, name: str, version: str, directory: str | os.PathLike, *,
+                installed_at: str | os.PathLike | None = None) -> Any: ...
+
+    def make_current(self, name: str, version: str, directory: str | os.PathLike, *, by: str | None = None,
+                     run_id: str | None = None) -> Any: ...
 
 
 class Publisher:
@@ -181,7 +156,7 @@ class Publisher:
     """
 
     def __init__(self, root: str | os.PathLike, keep: int = 5, releases: str | os.PathLike | None = None,
-                 channel: ReleaseChannel | None = None) -> None:
+                 channel: Channel | None = None) -> None:
         self.channel = channel
         self.root = Path(root)
         self.releases = Path(releases) if releases is not None else default_releases_dir(root)
@@ -294,7 +269,7 @@ class Publisher:
             raise PublishError(f"version {version} of {name!r} already exists at {target}")
         self._prepare()
         self._remove_leftovers(name, _SWAP_PREFIX)  # not staging: ours is one of them
-        self._adopt_plain_directory(name)
+        adopt_plain_directory(self, name, f"{new_version_id()}-legacy")
         if self.channel is not None:  # upload, then move the channel's current.json; a failure leaves all as it was
             self.channel.publish(name, version, staging, installed_at=target)
         os.rename(staging, target)
@@ -349,45 +324,13 @@ class Publisher:
                 swap.unlink(missing_ok=True)
         if (self.root / OLD_RELEASES_DIR).is_dir():
             with self._lock():  # parallel tasks (one per product) all reach this point
-                self._migrate_old_layout()
+                migrate_old_layout(self, _SAFE_NAME.match)
 
     @contextmanager
     def _lock(self) -> Iterator[None]:
         with open(self.releases / MARKER_FILE, "a") as marker:
             fcntl.flock(marker, fcntl.LOCK_EX)
             yield
-
-    def _migrate_old_layout(self) -> None:
-        """Move versions from ``root/.releases/`` to the releases directory, keeping every name live.
-
-        Versions that are not live are renamed across. The live one is hard-link-copied,
-        the live symlink is re-pointed to the copy in one step, and only then is the old
-        copy removed. A crash at any point leaves a live ``root/name``; the next run
-        finishes the move.
-        """
-        old_releases = self.root / OLD_RELEASES_DIR
-        if not old_releases.is_dir():
-            return  # another process finished the move while we waited for the lock
-        for old_dir in sorted(p for p in old_releases.iterdir() if p.is_dir() and _SAFE_NAME.match(p.name)):
-            name = old_dir.name
-            self._versions_dir(name).mkdir(exist_ok=True)
-            live_dir = Path(os.path.realpath(self.live_path(name)))
-            versions = sorted(p for p in old_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-            for old_version in versions:
-                target = self._versions_dir(name) / old_version.name
-                if Path(os.path.realpath(old_version)) == live_dir:
-                    if not target.exists():
-                        self._copy_as_version(old_version, name, old_version.name)
-                    self._point_to(name, old_version.name)
-                    shutil.rmtree(old_version)
-                elif target.exists():
-                    shutil.rmtree(old_version)  # moved by a run that crashed before removing the old copy
-                else:
-                    os.rename(old_version, target)
-            shutil.rmtree(old_dir)  # what is left: staging directories of crashed runs
-            log.info("Moved %d kept versions of %s from %s to %s", len(versions), name, old_dir,
-                     self._versions_dir(name))
-        shutil.rmtree(old_releases)
 
     def _new_staging_path(self, name: str) -> Path:
         return self._versions_dir(name) / f"{_STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
@@ -419,37 +362,6 @@ class Publisher:
             link.unlink(missing_ok=True)
             raise
 
-    def _adopt_plain_directory(self, name: str) -> None:
-        """A real directory at ``root/name`` (made before this package) becomes a kept version.
-
-        It is hard-link-copied to ``<version>-legacy`` and then exchanged with a symlink to
-        that copy in one step, so ``root/name`` is never missing.
-        """
-        live = self.live_path(name)
-        if not live.is_dir() or live.is_symlink():
-            return
-        version = f"{new_version_id()}-legacy"
-        log.warning("Keeping the existing directory %s as version %s for rollback", live, version)
-        self._copy_as_version(live, name, version)
-        link = self._new_link(name, version)
-        try:
-            _exchange(link, live)
-            replaced = link  # the exchange left the old directory where the link was
-        except _ExchangeUnsupported as exc:
-            log.warning("Atomic exchange is unavailable here (%s): %s is missing for a moment while it "
-                        "becomes a symlink", exc.strerror, live)
-            replaced = link.with_name(link.name + "-old")
-            os.rename(live, replaced)
-            try:
-                os.rename(link, live)
-            except OSError:
-                os.rename(replaced, live)
-                raise
-        except OSError:
-            link.unlink(missing_ok=True)
-            raise
-        shutil.rmtree(replaced)
-
     def _remove_leftovers(self, name: str, *prefixes: str) -> None:
         """Remove staging directories or temporary links that an interrupted run left behind."""
         for prefix in prefixes:
@@ -471,92 +383,9 @@ class Publisher:
             log.info("Pruned old version %s of %s (keeping %d)", version, name, self.keep)
 
 
-def _cli_user() -> str:
+def cli_user() -> str:
     """Who runs the command, for the pin (``cli:<login>``)."""
     try:
         return f"cli:{getpass.getuser()}"
     except (KeyError, OSError):  # no login name in some containers
         return "cli"
-
-
-def _cli_publisher(root: str, releases: str | None, kind: str | None) -> Publisher:
-    """The Publisher of ``root``, with the release channel when ``INSPECTION_PUBLISH_TARGETS`` includes it:
-    of ``kind``, or of the configured root that ``root`` is (``INSPECTION_INDEX_ROOT``: clip, ...)."""
-    from inspection_refresh.config import get_settings
-
-    settings = get_settings()
-    if kind is None:
-        roots = {os.path.realpath(settings.index_root): "clip", os.path.realpath(settings.patchcore_root): "patchcore"}
-        kind = roots.get(os.path.realpath(root))
-    channel = settings.release_channel(kind) if kind else None
-    return Publisher(root, keep=settings.keep_versions, releases=releases, channel=channel)
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["pull"]:  # the node agent has its own options
-        from inspection_refresh.channel import pull_main
-
-        return pull_main(argv[1:])
-    from inspection_refresh.storage import StorageError
-
-    parser = argparse.ArgumentParser(prog="inspection-publish",
-                                     description="List, roll back (and pin), unpin or push published versions; "
-                                                 "'inspection-publish pull --help': the serving hosts' agent.")
-    parser.add_argument("action", choices=["list", "rollback", "unpin", "push", "pull"],
-                        help="rollback also pins the version: scheduled runs leave it alone until it is unpinned "
-                             "or a manual run publishes a new version; push: make the live (or --to) version the "
-                             "release channel's current one")
-    parser.add_argument("--root", required=True, help="index root or PatchCore root")
-    parser.add_argument("--releases", help="where versions are kept (default: <root>.releases beside the root)")
-    parser.add_argument("--name", required=True, help="normal, defect, or a product code")
-    parser.add_argument("--to", help="version to re-publish (default: the one before the live version)")
-    parser.add_argument("--kind", choices=["clip", "patchcore"],
-                        help="release channel of the root (default: from INSPECTION_INDEX_ROOT / INSPECTION_PATCHCORE_ROOT)")
-    args = parser.parse_args(argv)
-    if args.action == "pull":
-        parser.error("'pull' takes its own options and comes first: inspection-publish pull --help")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        publisher = _cli_publisher(args.root, args.releases, args.kind)
-        unpin_command = f"inspection-publish unpin --root {args.root} --name {args.name}"
-        if args.action == "rollback":
-            release = publisher.rollback(args.name, args.to, pinned_by=_cli_user())
-            print(f"{args.name}: live version is now {release.version}, pinned: scheduled runs leave it alone "
-                  f"until a manual run publishes a new version or '{unpin_command}'")
-        elif args.action == "push":
-            if publisher.channel is None:
-                raise PublishError("no release channel: set INSPECTION_PUBLISH_TARGETS to channel or both "
-                                   "(and --kind unless --root is a configured root)")
-            version = args.to or publisher.current(args.name)
-            if version not in publisher.versions(args.name):
-                raise PublishError(f"{args.name}: version {version} is not kept under {publisher.releases}")
-            publisher.channel.make_current(args.name, version, publisher.releases / args.name / version,
-                                           by=_cli_user(), action="push")
-            print(f"{args.name}: the release channel's current version is now {version}")
-        elif args.action == "unpin":
-            pin = publisher.unpin(args.name)
-            print(f"{args.name}: unpinned (was {describe_pin(pin)})" if pin else f"{args.name}: was not pinned")
-        else:
-            if (publisher.root / OLD_RELEASES_DIR).is_dir():
-                print(f"note: {publisher.root} still has the old layout; the next publish or rollback moves "
-                      f"its versions to {publisher.releases}", file=sys.stderr)
-            pin = publisher.pinned(args.name)
-            if pin:
-                print(f"{args.name} is {describe_pin(pin)}; scheduled runs skip it ('{unpin_command}' to undo)")
-            if publisher.channel is not None:
-                pointer = publisher.channel.pointer(args.name)
-                print(f"release channel {publisher.channel.url(publisher.channel.name_prefix(args.name))}: current "
-                      f"{pointer['version'] if pointer else 'none'}; versions: "
-                      f"{', '.join(publisher.channel.versions(args.name)) or 'none'}")
-            live = publisher.current(args.name)
-            for version in publisher.versions(args.name):
-                print(f"{'*' if version == live else ' '} {version}")
-    except (PublishError, StorageError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""The service's ``deployment_logs`` history and ``products`` list, through an Airflow MySQL connection.
+"""The service's ``deployment_logs`` history and ``products`` list, over any DB-API connection to MySQL.
 
 One Airflow DAG run is one deployment row, found again by the DAG id and run id
 kept in ``result_data`` (``airflow_dag_id``, ``airflow_run_id``) whatever its
@@ -8,6 +8,9 @@ the closing task can always finish it as ``completed`` or ``failed`` even if the
 opening task never ran. Rows left open by runs that ended without closing them
 are closed by the DAG's failure callback (runs an operator marked failed: by the listener in
 ``inspection_refresh.listeners``) or, failing that, by its next run.
+
+The connection comes from the caller (:func:`inspection_refresh.compose.deployment_registry`
+opens the Airflow MySQL connection ``deploy_db``), so this module needs no Airflow.
 """
 
 from __future__ import annotations
@@ -19,10 +22,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime
-from functools import cached_property
 from typing import Any, NamedTuple
-
-from inspection_refresh.config import get_settings
 
 log = logging.getLogger(__name__)
 
@@ -122,24 +122,21 @@ class _Done(NamedTuple):
 class DeploymentRegistry:
     """Reads and writes the service's deployment history.
 
-    :param conn_id: Airflow connection (type ``mysql``); default from settings (``deploy_db``).
+    :param connect: opens a new DB-API connection to the service's database (MySQLdb-like:
+        ``%s`` placeholders, ``cursor.lastrowid``).
+    :param conn_id: names that connection in messages (the Airflow connection id).
     """
 
-    def __init__(self, conn_id: str | None = None) -> None:
-        self.conn_id = conn_id or get_settings().db_conn_id
+    def __init__(self, connect: Callable[[], Any], conn_id: str) -> None:
+        self.connect = connect
+        self.conn_id = conn_id
         self._table_checked = False
-
-    @cached_property
-    def hook(self):
-        from airflow.providers.mysql.hooks.mysql import MySqlHook
-
-        return MySqlHook(mysql_conn_id=self.conn_id)
 
     @contextmanager
     def _connection(self) -> Iterator[Any]:
         """One database connection; any failure on it becomes a :class:`RegistryError` naming the connection."""
         try:
-            with closing(self.hook.get_conn()) as conn:
+            with closing(self.connect()) as conn:
                 yield conn
         except RegistryError:
             raise

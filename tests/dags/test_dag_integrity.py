@@ -61,7 +61,7 @@ def test_patchcore_builds_through_a_pooled_bash_operator(dagbag):
 def test_every_dag_times_out_and_closes_its_deployment_record_when_it_fails(dagbag):
     from datetime import timedelta
 
-    from inspection_refresh.airflow_support import close_deployment_on_failure
+    from inspection_refresh.operators import close_deployment_on_failure
 
     hours = {"clip_index_normal": 3, "clip_index_defect": 3, "patchcore_memory_bank": 8, "deployment_rollback": 1}
     for dag_id, timeout_hours in hours.items():
@@ -119,7 +119,7 @@ def test_parsing_dag_files_does_not_import_heavy_libraries():
 
 
 def test_an_optional_approval_step_comes_before_every_publish(dagbag):
-    from inspection_refresh.airflow_support import APPROVAL_PARAM, PublishApproval
+    from inspection_refresh.operators import APPROVAL_PARAM, PublishApproval
 
     for dag_id, publish_id in (("clip_index_normal", "publish"), ("clip_index_defect", "publish"),
                                ("patchcore_memory_bank", "product.publish")):

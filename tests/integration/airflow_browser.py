@@ -4,7 +4,8 @@
 directories, with ``AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=False`` and a known admin password,
 waits until the API server, scheduler and DAG processor are up and the DAGs are parsed, talks to the
 REST API with a token from ``POST /auth/token``, and stops everything the way a user does (SIGTERM to
-the script, whose ``stop_airflow`` ends standalone's whole session).
+the script, whose ``stop_airflow`` ends standalone's whole session). Starting and stopping are the shared
+harness's (:class:`~tests.integration.airflow_processes.AirflowUIScript`).
 
 :class:`BrowserUI` drives Playwright's page: :meth:`~BrowserUI.sign_in` on SimpleAuthManager's login
 page, :meth:`~BrowserUI.trigger_with_defaults` on a DAG page, :meth:`~BrowserUI.open_deployments` from the
@@ -36,28 +37,19 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import unquote
 
-import psutil
 import requests
 
 from tests.conftest import REPO
-
-T = TypeVar("T")
+from tests.integration.airflow_processes import AirflowUIScript, wait_until
 
 ADMIN_USER = "admin"
-COMPONENTS = ("airflow scheduler", "airflow dag-processor", "api_server", "airflow triggerer", "LocalExecutor")
-"""Command-line fragments of the processes standalone runs once it is fully up."""
 START_TIMEOUT = 300.0
 """Seeding the demo samples (~40 s) + migrating the metadata DB + standalone's start-up (30-60 s) on 2 busy cores."""
 STOP_TIMEOUT = 60.0
@@ -75,80 +67,18 @@ DOCS_NAV_WIDTH, DOCS_MARGIN, DOCS_MIN_HEIGHT = 80, 24, 300
 """Docs pictures: the UI's navigation bar (left, px), the space kept below the content, the least height."""
 
 
-def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 1.0) -> T:
-    """Poll ``condition`` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-def _alive(process: psutil.Process) -> bool:
-    try:
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _cmdline(process: psutil.Process) -> str:
-    try:
-        return " ".join(process.cmdline())
-    except psutil.Error:
-        return ""
-
-
-def _session(leader: int) -> list[psutil.Process]:
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if os.getsid(process.pid) == leader and process.status() != psutil.STATUS_ZOMBIE:
-                found.append(process)
-        except (OSError, psutil.Error):
-            pass
-    return found
-
-
-def _port_answers(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    except OSError:
-        return False
-
-
 @dataclass
-class AirflowUI:
-    """``scripts/airflow-ui.sh`` started with ``env``; REST calls as the signed-in admin."""
+class AirflowUI(AirflowUIScript):
+    """``scripts/airflow-ui.sh`` started with ``env``, sign-in required; REST calls as the signed-in admin."""
 
-    env: dict[str, str]
-    password: str
-    log_path: Path
-    script: subprocess.Popen | None = None
-    leader: int = 0
-    processes: list[psutil.Process] = field(default_factory=list)
-    started_in: float = 0.0
+    password: str = field(kw_only=True)
+    start_timeout: float = START_TIMEOUT
+    stop_timeout: float = STOP_TIMEOUT
     _token: str = ""
-
-    @property
-    def port(self) -> int:
-        return int(self.env["AIRFLOW__API__PORT"])
-
-    @property
-    def base_url(self) -> str:
-        """What a person opens (the script's AIRFLOW__API__BASE_URL)."""
-        return f"http://localhost:{self.port}"
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid_file(self) -> Path:
-        return Path(self.env["INSPECTION_STATE_DIR"]) / "airflow.pid"
 
     @staticmethod
     def write_password(airflow_home: Path, password: str, user: str = ADMIN_USER) -> Path:
@@ -157,37 +87,6 @@ class AirflowUI:
         path = airflow_home / "simple_auth_manager_passwords.json.generated"
         path.write_text(json.dumps({user: password}) + "\n")
         return path
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    # ----------------------------------------------------------------------------------- start / stop
-    def start(self) -> None:
-        """Start the script and return once standalone's components run and the API answers."""
-        started = time.monotonic()
-        with open(self.log_path, "wb") as log:
-            self.script = subprocess.Popen(
-                ["bash", str(REPO / "scripts/airflow-ui.sh")], cwd=REPO, env=self.env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True,
-                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-            )
-
-        def components_up() -> bool:
-            assert self.script.poll() is None, f"airflow-ui.sh exited with {self.script.returncode}"
-            if not (self.pid_file.exists() and _port_answers(self.port)):
-                return False
-            self.leader = int(self.pid_file.read_text().split()[0])
-            running = " | ".join(_cmdline(p) for p in self._tree())
-            return all(component in running for component in COMPONENTS)
-
-        try:
-            wait_until(components_up, START_TIMEOUT, "Airflow standalone's components")
-        except AssertionError as error:
-            raise AssertionError(f"{error}; airflow-ui.sh's output ends:\n{self.log_tail()}") from None
-        self.started_in = time.monotonic() - started
 
     def wait_ready(self, dag_ids: Iterable[str], timeout: float = START_TIMEOUT) -> None:
         """The admin gets a token, the scheduler and DAG processor report healthy and every DAG is parsed."""
@@ -207,45 +106,6 @@ class AirflowUI:
             return wanted <= {dag["dag_id"] for dag in dags}
 
         wait_until(ready, timeout, f"a healthy Airflow with DAGs {sorted(wanted)}", interval=2.0)
-
-    def _tree(self) -> list[psutil.Process]:
-        if self.script is None:
-            return []
-        try:
-            root = psutil.Process(self.script.pid)
-            return [root, *root.children(recursive=True)]
-        except psutil.Error:
-            return []
-
-    def stop(self) -> tuple[list[psutil.Process], float]:
-        """SIGTERM to the script as a user's ``kill``; return what is still alive after STOP_TIMEOUT, and the time."""
-        if self.script is None:
-            return [], 0.0
-        seen = {p.pid: p for p in [*self.processes, *self._tree(), *(_session(self.leader) if self.leader else [])]}
-        stopping = time.monotonic()
-        if self.script.poll() is None:
-            self.script.send_signal(signal.SIGTERM)
-            try:
-                self.script.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                pass
-        deadline = stopping + STOP_TIMEOUT
-        while True:
-            left = {p.pid: p for p in seen.values() if _alive(p)}
-            if self.leader:
-                left.update({p.pid: p for p in _session(self.leader)})
-            if not left or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        return list(left.values()), time.monotonic() - stopping
-
-    def force_clean_up(self) -> None:
-        """After a failure: leave nothing running (the script, then the pid file's session)."""
-        if self.script is not None and self.script.poll() is None:
-            self.script.kill()
-            self.script.wait(10)
-        subprocess.run([sys.executable, "-m", "inspection_refresh.dev.process_tree", "stop", "--pid-file",
-                        str(self.pid_file), "--grace", "5"], check=False, timeout=60, capture_output=True)
 
     # ---------------------------------------------------------------------------------------- REST API
     def token(self, refresh: bool = False) -> str:
@@ -406,7 +266,8 @@ class BrowserUI:
         The page refreshes an active run by itself; if the badge has not caught up after ``live_seconds``
         the page is reloaded once (the REST API already said where the run is).
         """
-        from playwright.sync_api import Error as PlaywrightError, expect
+        from playwright.sync_api import Error as PlaywrightError
+        from playwright.sync_api import expect
 
         labels = "|".join(UI_STATE_LABELS[state] for state in states)
         url = f"{self.airflow.base_url}/dags/{dag_id}/runs/{requests.utils.quote(run_id, safe='')}"

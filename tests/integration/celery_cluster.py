@@ -22,8 +22,10 @@ Task instances record the worker's name as their ``hostname`` (``tests/integrati
   orphaned try after ``heartbeat_timeout`` seconds and Airflow retries it on a worker that serves its
   queue (:meth:`CeleryCluster.start_worker` adds one).
 
-Everything is stopped at the end: each component is the leader of its own session, and the session
-with all its descendants gets SIGTERM, then SIGKILL (``inspection_refresh.dev.process_tree``).
+Starting, waiting for and stopping the processes, and the REST API calls, are the shared harness's
+(:class:`~tests.integration.airflow_processes.AirflowProcesses`). Everything is stopped at the end: each
+component is the leader of its own session, and the session with all its descendants gets SIGTERM, then
+SIGKILL (``inspection_refresh.dev.process_tree``).
 Start-up (``db migrate`` of a fresh PostgreSQL database, then every component until the API server
 answers and each worker answers a Celery ping) measured on the 2-core development machine: 17-21 s
 (``CeleryCluster.startup_seconds``, logged), and about 5-10 s to stop.
@@ -34,31 +36,27 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 import subprocess
-import sys
-import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
+from inspection_refresh.dev.process_tree import session_members
 
-from inspection_refresh.dev.process_tree import session_members, stop_session
-from tests.integration.test_real_scheduler import _free_port, task_process, wait_until
+from tests.conftest import _free_port, _wait_for_port
+from tests.integration.airflow_processes import AirflowProcesses, wait_until
 
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 TEST_DAGS = REPO / "tests" / "celery_dags"
-AIRFLOW = str(Path(sys.executable).with_name("airflow"))
-RUN_TIMEOUT_S = 240
 
 
 @dataclass(frozen=True)
@@ -126,8 +124,6 @@ class RedisBroker:
             self.process = subprocess.Popen(
                 [server, "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "no",
                  "--dir", str(self.workdir)], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        from tests.conftest import _wait_for_port
-
         _wait_for_port(self.port)
 
     def stop(self) -> None:
@@ -187,34 +183,21 @@ class PostgresDatabase:
 
 
 @dataclass
-class CeleryCluster:
+class CeleryCluster(AirflowProcesses):
     """API server, scheduler, DAG processor and Celery workers of one AIRFLOW_HOME, driven through the REST API."""
 
-    home: Path
     broker_url: str
     database: PostgresDatabase
     dags_folder: Path = TEST_DAGS
     workers: tuple[WorkerSpec, ...] = DEFAULT_WORKERS
-    extra_env: dict[str, str] = field(default_factory=dict)
     heartbeat_timeout: int = 20
     """Seconds without a heartbeat after which the scheduler fails a task try (a killed worker's)."""
-    port: int = field(default_factory=_free_port)
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-    started_at: dict[str, float] = field(default_factory=dict)
-    killed: set[str] = field(default_factory=set)
-    token: str = ""
     startup_seconds: float = 0.0
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def env(self) -> dict[str, str]:
-        """The environment every component shares (a worker adds its own on top)."""
+    def executor_env(self) -> dict[str, str]:
+        """CeleryExecutor, the PostgreSQL metadata DB and result backend, the test DAGs; the worker's name as
+        each task's ``hostname``, a short heartbeat timeout (a worker kill is noticed in seconds)."""
         return {
-            **os.environ,  # AIRFLOW_CONN_* and INSPECTION_* of the test session, plugins folder
-            "AIRFLOW_HOME": str(self.home),
             "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
@@ -224,46 +207,27 @@ class CeleryCluster:
             "AIRFLOW__CELERY__BROKER_URL": self.broker_url,
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + self.database.url("psycopg"),
             "AIRFLOW__CELERY_BROKER_TRANSPORT_OPTIONS__VISIBILITY_TIMEOUT": "86400",
-            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
-            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
             "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.integration.worker_hostname.hostname",
-            "AIRFLOW__API_AUTH__JWT_SECRET": self._secret("jwt"),
-            "AIRFLOW__API__SECRET_KEY": self._secret("api"),
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(self.heartbeat_timeout),
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT_DETECTION_INTERVAL": "5",
             "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
-            **self.extra_env,
         }
 
-    def _secret(self, name: str) -> str:
-        path = self.home / f".{name}-secret"
-        if not path.exists():
-            path.write_text(secrets.token_urlsafe(32))
-        return path.read_text()
-
     # -- life cycle -------------------------------------------------------------------
-    def start(self) -> None:
-        """Migrate the metadata DB, start every component and wait until DAGs can run; sets ``startup_seconds``."""
+    def start(self, *, before: Iterable[Sequence[str]] = (), api_timeout: float = 180) -> None:
+        """Also wait until each worker answers a Celery ping; sets ``startup_seconds``."""
         began = time.monotonic()
-        self.cli("db", "migrate")
-        self._spawn("api-server", ["api-server", "--port", str(self.port), "--workers", "1"])
-        self._spawn("scheduler", ["scheduler"])
-        self._spawn("dag-processor", ["dag-processor"])
-        for spec in self.workers:
-            self.start_worker(spec, wait=False)
-        wait_until(self._api_answers, 180, f"the API server on {self.url} ({self.home / 'api-server.log'})", 1)
-        self.token = self.api("GET", "/auth/token")["access_token"]
+        super().start(before=before, api_timeout=api_timeout)
         for spec in self.workers:
             self.wait_for_worker(spec.name)
         self.startup_seconds = time.monotonic() - began
         log.info("Celery cluster up in %.1fs: %s", self.startup_seconds, ", ".join(self.processes))
 
-    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
-        with open(self.home / f"{name}.log", "ab") as out:
-            # Own session: stop() signals each component with everything it started.
-            self.started_at[name] = time.time()
-            self.processes[name] = subprocess.Popen([AIRFLOW, *args], env=env or self.env, stdout=out,
-                                                    stderr=subprocess.STDOUT, start_new_session=True)
+    def start_components(self) -> None:
+        """Also the workers, not waited for: they start while the API server does."""
+        super().start_components()
+        for spec in self.workers:
+            self.start_worker(spec, wait=False)
 
     def start_worker(self, spec: WorkerSpec, *, wait: bool = True) -> None:
         """Start ``airflow celery worker`` for ``spec`` (its own cache and published roots under ``home/workers/<name>``)."""
@@ -275,7 +239,7 @@ class CeleryCluster:
                "INSPECTION_INDEX_ROOT": str(workdir / "clip_index"),
                "INSPECTION_PATCHCORE_ROOT": str(workdir / "patchCore"),
                "INSPECTION_TEST_HOSTNAME": spec.name, "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port())}
-        self._spawn(spec.name, ["celery", "worker", "--celery-hostname", spec.name, "--queues", ",".join(spec.queues),
+        self.spawn(spec.name, ["celery", "worker", "--celery-hostname", spec.name, "--queues", ",".join(spec.queues),
                                 "--concurrency", str(spec.concurrency), "--skip-serve-logs",
                                 "--pid", str(workdir / "worker.pid")], env)
         if spec not in self.workers:
@@ -298,26 +262,6 @@ class CeleryCluster:
         finally:
             app.close()
 
-    def check_alive(self) -> bool:
-        """Raise if a component (other than a worker :meth:`kill_worker` killed) has exited; else True."""
-        dead = [f"{name} (exit {process.returncode}, see {self.home / (name + '.log')})"
-                for name, process in self.processes.items() if name not in self.killed and process.poll() is not None]
-        if dead:
-            raise AssertionError(f"Airflow component(s) died: {'; '.join(dead)}")
-        return True
-
-    def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM every component's session and descendants, SIGKILL what is left after ``grace`` s (in parallel)."""
-        def stop_one(name: str) -> None:
-            stop_session(self.processes[name].pid, self.started_at[name], grace=grace)
-            self.processes[name].wait(10)
-
-        threads = [threading.Thread(target=stop_one, args=(name,)) for name in self.processes]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-
     # -- faults -------------------------------------------------------------------------
     def worker_processes(self, name: str) -> list:
         """The live processes of worker ``name``: Celery main and pool processes, task supervisors and tasks."""
@@ -339,66 +283,11 @@ class CeleryCluster:
         return members
 
     # -- REST API -----------------------------------------------------------------------
-    def cli(self, *args: str) -> None:
-        result = subprocess.run([AIRFLOW, *args], env=self.env, capture_output=True, text=True, timeout=300)
-        output = result.stdout[-3000:] + result.stderr[-3000:]
-        assert result.returncode == 0, f"airflow {' '.join(args)} failed:\n{output}"
-
-    def _api_answers(self) -> bool:
-        import httpx
-
-        self.check_alive()
-        try:
-            return httpx.get(f"{self.url}/api/v2/version", timeout=2).status_code < 500
-        except httpx.HTTPError:
-            return False
-
-    def api(self, method: str, path: str, *, missing_ok: bool = False, **kwargs: Any) -> Any:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        response = httpx.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
-        if missing_ok and response.status_code == 404:
-            return None
-        assert response.status_code < 300, f"{method} {path}: {response.status_code} {response.text}"
-        return response.json()
-
-    def unpause(self, dag_id: str, timeout: float = 180) -> None:
-        """Wait until the DAG processor has parsed ``dag_id``, then unpause it."""
-        wait_until(lambda: self.api("GET", f"/api/v2/dags/{dag_id}", missing_ok=True), timeout,
-                   f"the DAG processor to parse {dag_id} ({self.home / 'dag-processor.log'})", 1)
-        self.api("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False})
-
-    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
-        body = {"logical_date": None, **({"conf": conf} if conf else {})}
-        return self.api("POST", f"/api/v2/dags/{dag_id}/dagRuns", json=body)["dag_run_id"]
-
-    def run_state(self, dag_id: str, run_id: str) -> str:
-        self.check_alive()
-        return self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")["state"]
-
-    def wait_for_end(self, dag_id: str, run_id: str, timeout: float = RUN_TIMEOUT_S) -> str:
-        return wait_until(lambda: (state := self.run_state(dag_id, run_id)) in ("success", "failed") and state,
-                          timeout, f"{dag_id} run {run_id} to end ({self.home}/*.log)", 0.5)
-
-    def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
-        """Task id -> the API's task instance (``state``, ``hostname``, ``queue``, ``try_number``, ...)."""
-        listing = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
-        return {ti["task_id"]: ti for ti in listing["task_instances"]}
-
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         entry = self.api("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}",
                          params={"deserialize": "true"})
         value = entry["value"]
         return json.loads(value) if isinstance(value, str) else value
-
-    def running_task(self, dag_id: str, run_id: str, task_id: str, timeout: float = RUN_TIMEOUT_S):
-        """(task instance, the task's process) as soon as ``task_id`` runs."""
-        def find():
-            ti = self.task_instances(dag_id, run_id).get(task_id, {})
-            process = ti.get("state") == "running" and task_process(ti["id"])
-            return process and (ti, process)
-        return wait_until(find, timeout, f"{task_id} of {dag_id} run {run_id} to run", 0.2)
 
 
 @contextmanager

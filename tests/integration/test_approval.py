@@ -19,16 +19,19 @@ import os
 import secrets
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from tests.integration.dag_runner import run_dag
-from tests.integration.test_clip_dag import deployment_row, jpeg, live_version, seed_normal
-from tests.samples import sample_jpeg
+from tests.integration.dag_runner import clip_dag_env, patchcore_dag_env, run_dag
+from tests.integration.test_clip_dag import (
+    deployment_row,
+    jpeg,
+    live_version,
+    seed_normal,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -76,11 +79,10 @@ class Approver:
         self.thread.join(60)
 
     def _waiting_task(self):
-        from sqlalchemy import select
-
         from airflow.models.hitl import HITLDetail
         from airflow.models.taskinstance import TaskInstance as TI
         from airflow.utils.session import create_session
+        from sqlalchemy import select
 
         with create_session() as session:
             return session.execute(
@@ -129,11 +131,10 @@ class Approver:
 
 def hitl_details(dag_id: str, run_id: str) -> list:
     """The approval requests Airflow holds for a run."""
-    from sqlalchemy import select
-
     from airflow.models.hitl import HITLDetail
     from airflow.models.taskinstance import TaskInstance as TI
     from airflow.utils.session import create_session
+    from sqlalchemy import select
 
     with create_session() as session:
         return list(session.scalars(select(HITLDetail.ti_id).join(TI, HITLDetail.ti_id == TI.id)
@@ -150,26 +151,7 @@ def staging_dirs(releases: Path) -> list[Path]:
 @pytest.fixture
 def clip(s3_server, mysql_database, airflow_db, clip_checkpoint, sql, tmp_path, monkeypatch):
     """A fresh bucket, index root and cache; products 1 and 2 in the products table."""
-    from inspection_refresh.publish import default_releases_dir
-    from inspection_refresh.registry import CREATE_PRODUCTS
-    from inspection_refresh.storage import ObjectStorage
-
-    bucket = f"appr-{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("INSPECTION_BUCKET", bucket)
-    monkeypatch.setenv("INSPECTION_INDEX_ROOT", str(tmp_path / "clip_index"))
-    monkeypatch.setenv("INSPECTION_CACHE_ROOT", str(tmp_path / "cache"))
-    monkeypatch.setenv("INSPECTION_CLIP_PRETRAINED", str(clip_checkpoint))
-    storage = ObjectStorage(bucket=bucket)
-    storage.client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "kr-standard"})
-    sql(CREATE_PRODUCTS)
-    sql("INSERT IGNORE INTO products (product_id, product_code, product_name) VALUES "
-        "(1, 'BRKT01', 'Bracket'), (2, 'FABR02', 'Fabric')")
-
-    def put(key: str, body: bytes) -> None:
-        storage.client.put_object(Bucket=bucket, Key=key, Body=body)
-
-    root = tmp_path / "clip_index"
-    return {"put": put, "root": root, "releases": default_releases_dir(root), "sql": sql}
+    return clip_dag_env("appr", clip_checkpoint, sql, tmp_path, monkeypatch)
 
 
 def first_version_without_approval(clip) -> str:
@@ -263,29 +245,9 @@ def test_an_unanswered_approval_times_out_and_publishes_nothing(clip, airflow_ap
 @pytest.fixture
 def patchcore(s3_server, mysql_database, airflow_db, sql, tmp_path, monkeypatch):
     """TEX01 with 8 normal and 3 defect images; EMPTY02 with nothing uploaded (its prepare fails)."""
-    from inspection_refresh.publish import default_releases_dir
-    from inspection_refresh.registry import CREATE_PRODUCTS
-    from inspection_refresh.storage import ObjectStorage
-
-    bucket = f"apprpc-{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("INSPECTION_BUCKET", bucket)
-    monkeypatch.setenv("INSPECTION_PATCHCORE_ROOT", str(tmp_path / "patchCore"))
-    monkeypatch.setenv("INSPECTION_CACHE_ROOT", str(tmp_path / "cache"))
-    storage = ObjectStorage(bucket=bucket)
-    storage.client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "kr-standard"})
-    sql("DROP TABLE IF EXISTS products")
-    sql(CREATE_PRODUCTS)
-    sql("INSERT INTO products (product_id, product_code, product_name, is_active) VALUES "
-        "(11, 'TEX01', 'Textured panel', 1), (12, 'EMPTY02', 'Nothing uploaded', 1)")
-    for seq in range(8):
-        storage.client.put_object(Bucket=bucket, Key=f"images/normal/11/TEX01_OK_{seq:03d}.jpg",
-                                  Body=sample_jpeg(0, seq))
-    for type_id, defect in enumerate(("scratch", "hole", "stain"), start=1):
-        storage.client.put_object(Bucket=bucket, Key=f"images/defect/11_{type_id}/TEX01_D{type_id}_001.jpg",
-                                  Body=sample_jpeg(0, 500 + type_id, defect))
-    root = tmp_path / "patchCore"
-    yield {"root": root, "releases": default_releases_dir(root), "sql": sql}
-    sql("DROP TABLE products")
+    products = "(11, 'TEX01', 'Textured panel', 1), (12, 'EMPTY02', 'Nothing uploaded', 1)"
+    with patchcore_dag_env("apprpc", products, sql, tmp_path, monkeypatch) as env:
+        yield env
 
 
 def patchcore_row(sql, run_id: str) -> dict:

@@ -42,17 +42,19 @@ embedded beside the PatchCore build, 80-120 s; the second run embeds one image, 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
-import re
 import time
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+from inspection_refresh import compose
 
-from tests.conftest import S3_ACCESS_KEY, SESSION_DIR, _free_port
-from tests.integration.airflow_browser import ADMIN_USER, AirflowUI, BrowserUI, _cmdline, wait_until
+from tests.conftest import SESSION_DIR
+from tests.integration.airflow_browser import ADMIN_USER, AirflowUI, BrowserUI
+from tests.integration.airflow_processes import airflow_ui_env, cmdline, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -106,27 +108,13 @@ def airflow_ui(s3_server, mysql_database, ui_database, tmp_path_factory):
     home = Path(SESSION_DIR) / "browser-ui"
     password = secrets.token_urlsafe(12)
     AirflowUI.write_password(home / "airflow", password)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("INSPECTION_", "AIRFLOW"))}
-    env.update({
-        "AIRFLOW_HOME": str(home / "airflow"),
+    env = airflow_ui_env(home, home / "state", s3_server.port, mysql_database, {
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
-        "INSPECTION_DATA_ROOT": str(home / "data"),
-        "INSPECTION_STATE_DIR": str(home / "state"),
         # the script seeds the demo samples itself (INSPECTION_UI_SEED unset), into this throw-away database
         "INSPECTION_DEMO_DATABASE": ui_database,
         # no scheduled CLIP run on unpausing (it would hold max_active_runs=1 and load the 2 cores): manual runs only
         "INSPECTION_CLIP_SCHEDULE": "none",
-        "INSPECTION_S3_PORT": str(s3_server.port),
-        "INSPECTION_S3_ACCESS_KEY": S3_ACCESS_KEY,
-        "INSPECTION_MYSQL_HOST": mysql_database["host"],
-        "INSPECTION_MYSQL_PORT": str(mysql_database["port"]),
-        "INSPECTION_MYSQL_USER": mysql_database["user"],
-        "INSPECTION_MYSQL_PASSWORD": mysql_database["password"],
-        "AIRFLOW__API__PORT": str(_free_port()),
-        "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
-        "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
-        "NO_COLOR": "1",
     })
     log_path = tmp_path_factory.mktemp("browser-airflow") / "airflow-ui.log"
     airflow = AirflowUI(env=env, password=password, log_path=log_path)
@@ -267,11 +255,10 @@ def _new_normal_image(s3_server) -> tuple[object, str]:
     """Upload one more normal image of product 1 into the demo bucket, as the line PC would; (client, key)."""
     from inspection_refresh.dev.demo import IMAGE_SIZE, PRODUCTS, _jpeg
     from inspection_refresh.dev.samples import render_normal
-    from inspection_refresh.storage import ObjectStorage
 
     product = PRODUCTS[0]
     key = f"images/normal/{product.product_id}/{product.product_code}_OK_{NEW_IMAGE_SEQ:04d}.jpg"
-    client = ObjectStorage(bucket=DEMO_BUCKET).client  # the session's S3 server (AIRFLOW_CONN_NCP_OBJECT_STORAGE)
+    client = compose.object_storage(bucket=DEMO_BUCKET).client  # the session's S3 server (AIRFLOW_CONN_NCP_OBJECT_STORAGE)
     client.put_object(Bucket=DEMO_BUCKET, Key=key, Body=_jpeg(render_normal(0, seed=NEW_IMAGE_SEQ, size=IMAGE_SIZE)))
     return client, key
 
@@ -476,7 +463,7 @@ def test_stopping_the_ui_leaves_no_airflow_process(airflow_ui):
         print(f"{dag_id}: " + ", ".join(f"{run['dag_run_id']} {run['state']}" for run in runs))
     left, seconds = airflow_ui.stop()
     assert not left, f"still running {seconds:.0f}s after SIGTERM: " + "; ".join(
-        f"{p.pid} {_cmdline(p)[:80]}" for p in left)
+        f"{p.pid} {cmdline(p)[:80]}" for p in left)
     assert airflow_ui.script.returncode == 143
     assert not airflow_ui.pid_file.exists()
     print(f"stopped in {seconds:.1f}s; module so far {time.monotonic() - _MODULE_STARTED:.0f}s")

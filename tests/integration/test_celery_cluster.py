@@ -15,7 +15,7 @@ import logging
 import pytest
 
 from tests.integration.celery_cluster import WorkerSpec, celery_cluster  # noqa: F401  (fixture)
-from tests.integration.test_real_scheduler import has_ended
+from tests.integration.airflow_processes import has_ended
 
 pytestmark = [pytest.mark.slow, pytest.mark.celery]
 

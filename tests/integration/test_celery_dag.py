@@ -31,10 +31,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from inspection_refresh import compose
 
 from tests.integration.celery_cluster import WorkerSpec, running_cluster
 from tests.integration.test_clip_dag import deployment_row, jpeg, seed_normal
-from tests.integration.test_real_scheduler import has_ended
+from tests.integration.airflow_processes import has_ended
 
 pytestmark = [pytest.mark.slow, pytest.mark.celery]
 
@@ -50,12 +51,10 @@ RUN_STORE_PREFIX = "airflow-runs/"
 def cluster(s3_server, mysql_database, clip_checkpoint, tmp_path_factory):
     """The repository's DAGs on three Celery workers, a fresh bucket, the products table."""
     import MySQLdb
-
     from inspection_refresh.registry import CREATE_PRODUCTS
-    from inspection_refresh.storage import ObjectStorage
 
     bucket = f"celery-{uuid.uuid4().hex[:10]}"
-    storage = ObjectStorage(bucket=bucket)
+    storage = compose.object_storage(bucket=bucket)
     storage.client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "kr-standard"})
     conn = MySQLdb.connect(**mysql_database, autocommit=True)
     conn.cursor().execute(CREATE_PRODUCTS)
@@ -115,7 +114,6 @@ def check_served_index(storage, node: Path, expected_images: int) -> str:
     finds itself first. Returns the version."""
     import faiss
     import torch
-
     from inspection_refresh.clip.embed import embed_image, load_model
 
     pulled = pull(storage, node)

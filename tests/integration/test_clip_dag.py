@@ -16,8 +16,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from inspection_refresh import compose
 
-from tests.integration.dag_runner import asset_events, run_dag
+from tests.integration.dag_runner import asset_events, clip_dag_env, run_dag
 from tests.samples import sample_jpeg
 
 pytestmark = pytest.mark.slow
@@ -32,24 +33,7 @@ def jpeg(product_index: int, seed: int, defect: str | None = None) -> bytes:
 @pytest.fixture
 def env(s3_server, mysql_database, airflow_db, clip_checkpoint, sql, tmp_path, monkeypatch):
     """A fresh bucket, index root and cache for one test; products 1 and 2 in the products table."""
-    from inspection_refresh.registry import CREATE_PRODUCTS
-    from inspection_refresh.storage import ObjectStorage
-
-    bucket = f"clip-{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("INSPECTION_BUCKET", bucket)
-    monkeypatch.setenv("INSPECTION_INDEX_ROOT", str(tmp_path / "clip_index"))
-    monkeypatch.setenv("INSPECTION_CACHE_ROOT", str(tmp_path / "cache"))
-    monkeypatch.setenv("INSPECTION_CLIP_PRETRAINED", str(clip_checkpoint))
-    storage = ObjectStorage(bucket=bucket)
-    storage.client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "kr-standard"})
-    sql(CREATE_PRODUCTS)
-    sql("INSERT IGNORE INTO products (product_id, product_code, product_name) VALUES "
-        "(1, 'BRKT01', 'Bracket'), (2, 'FABR02', 'Fabric')")
-
-    def put(key: str, body: bytes) -> None:
-        storage.client.put_object(Bucket=bucket, Key=key, Body=body)
-
-    return {"storage": storage, "put": put, "root": tmp_path / "clip_index", "sql": sql}
+    return clip_dag_env("clip", clip_checkpoint, sql, tmp_path, monkeypatch)
 
 
 def seed_normal(put, per_product: int = 4) -> list[str]:
@@ -79,7 +63,6 @@ def live_version(root: Path, index_type: str) -> str | None:
 def test_normal_index_end_to_end_loads_like_the_service(env):
     import faiss
     import torch
-
     from inspection_refresh.clip.embed import embed_image, load_model
 
     keys = seed_normal(env["put"])
@@ -273,7 +256,6 @@ def test_a_crash_between_writing_and_publishing_leaves_the_old_index_live(env, m
 
 
 def test_a_run_closes_the_row_an_ended_earlier_run_left_running(env):
-    from inspection_refresh.registry import DeploymentRegistry
 
     seed_normal(env["put"], per_product=1)
     first = run_dag("clip_index_normal")
@@ -282,7 +264,7 @@ def test_a_run_closes_the_row_an_ended_earlier_run_left_running(env):
     env["sql"]("UPDATE deployment_logs SET status = 'running', completed_at = NULL "
                "WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s", (first.run_id,))
     unknown_to_airflow = f"manual__{uuid.uuid4()}"  # e.g. another Airflow writing to the same table
-    DeploymentRegistry().start("clip_rebuild", "clip_index_normal", unknown_to_airflow)
+    compose.deployment_registry().start("clip_rebuild", "clip_index_normal", unknown_to_airflow)
 
     second = run_dag("clip_index_normal")  # Airflow (Task SDK) says the first run ended "success"
     assert second.state == "success"
@@ -295,11 +277,10 @@ def test_a_run_closes_the_row_an_ended_earlier_run_left_running(env):
 
 
 def test_a_cleared_register_of_a_completed_run_keeps_the_row(env):
-    from inspection_refresh.registry import DeploymentRegistry
     from inspection_refresh.tasks import clip_index as pipeline
 
     run = pipeline.ClipRun(index_type="normal", run_id=f"manual__{uuid.uuid4()}", prefix="images/normal/")
-    registry = DeploymentRegistry()
+    registry = compose.deployment_registry()
     registry.start(pipeline.DEPLOY_TYPE, run.dag_id, run.run_id)
     registry.finish(pipeline.DEPLOY_TYPE, run.dag_id, run.run_id, status="completed", message="version v1 published",
                     result_data={"version": "v1", "num_images": 2})
@@ -312,7 +293,6 @@ def test_a_cleared_register_of_a_completed_run_keeps_the_row(env):
 
 def test_a_run_failing_before_register_records_is_closed_by_the_failure_callback(env, monkeypatch):
     from airflow.sdk.exceptions import AirflowFailException
-
     from inspection_refresh.tasks import clip_index as pipeline
 
     def register_loses_the_database(run):

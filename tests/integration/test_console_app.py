@@ -17,7 +17,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-
+from inspection_refresh import compose
 from inspection_refresh.publish import Publisher
 
 CONN_ID = "console_db"
@@ -50,13 +50,12 @@ def registry(console_database, monkeypatch):
     """An empty ``deployment_logs`` for each test."""
     import MySQLdb
 
-    from inspection_refresh.registry import DeploymentRegistry
 
     monkeypatch.setenv("INSPECTION_DB_CONN_ID", CONN_ID)
     conn = MySQLdb.connect(**console_database, autocommit=True)
     conn.cursor().execute("DROP TABLE IF EXISTS deployment_logs")
     conn.close()
-    registry = DeploymentRegistry(CONN_ID)
+    registry = compose.deployment_registry(CONN_ID)
     registry.ensure_tables()
     return registry
 
@@ -71,7 +70,7 @@ def roots(tmp_path, monkeypatch):
     from inspection_refresh.config import get_settings
 
     settings = get_settings()
-    return settings.index_publisher(), settings.patchcore_publisher()
+    return compose.index_publisher(settings), compose.patchcore_publisher(settings)
 
 
 class AirflowApiStub:
@@ -136,10 +135,9 @@ def tokens(auth_manager):
 @pytest.fixture(scope="module")
 def client(auth_manager):
     """The API server's way: Airflow's ``init_plugins`` mounts every app of the plugins folder."""
+    from airflow.api_fastapi.app import init_plugins
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
-
-    from airflow.api_fastapi.app import init_plugins
 
     root = FastAPI()
     init_plugins(root)

@@ -12,8 +12,9 @@ import os
 import uuid
 
 import pytest
+from inspection_refresh import compose
 
-from tests.integration.dag_runner import asset_events, run_dag
+from tests.integration.dag_runner import asset_events, patchcore_dag_env, run_dag
 from tests.samples import sample_jpeg
 
 pytestmark = pytest.mark.slow
@@ -21,27 +22,12 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def env(s3_server, mysql_database, airflow_db, sql, tmp_path, monkeypatch):
-    from inspection_refresh.registry import CREATE_PRODUCTS
-    from inspection_refresh.storage import ObjectStorage
-
-    bucket = f"pc-{uuid.uuid4().hex[:10]}"
-    monkeypatch.setenv("INSPECTION_BUCKET", bucket)
-    monkeypatch.setenv("INSPECTION_PATCHCORE_ROOT", str(tmp_path / "patchCore"))
-    monkeypatch.setenv("INSPECTION_CACHE_ROOT", str(tmp_path / "cache"))
-    storage = ObjectStorage(bucket=bucket)
-    storage.client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "kr-standard"})
-    sql("DROP TABLE IF EXISTS products")
-    sql(CREATE_PRODUCTS)
-    sql("INSERT INTO products (product_id, product_code, product_name, is_active) VALUES "
-        "(11, 'TEX01', 'Textured panel', 1), (12, 'EMPTY02', 'Nothing uploaded', 1), (13, 'OLD03', 'Retired', 0)")
-    put = lambda key, body: storage.client.put_object(Bucket=bucket, Key=key, Body=body)  # noqa: E731
-    for seq in range(8):
-        put(f"images/normal/11/TEX01_OK_{seq:03d}.jpg", sample_jpeg(0, seq))
-    for type_id, defect in enumerate(("scratch", "hole", "stain"), start=1):
-        put(f"images/defect/11_{type_id}/TEX01_D{type_id}_001.jpg", sample_jpeg(0, 500 + type_id, defect))
-    put("images/normal/12/", b"")  # a folder marker and nothing else
-    yield {"root": tmp_path / "patchCore", "sql": sql}
-    sql("DROP TABLE products")
+    """TEX01 with 8 normal and 3 defect images; EMPTY02 with a folder marker only; OLD03 inactive."""
+    products = ("(11, 'TEX01', 'Textured panel', 1), (12, 'EMPTY02', 'Nothing uploaded', 1), "
+                "(13, 'OLD03', 'Retired', 0)")
+    with patchcore_dag_env("pc", products, sql, tmp_path, monkeypatch) as env:
+        env["put"]("images/normal/12/", b"")  # a folder marker and nothing else
+        yield env
 
 
 def test_one_product_fails_the_other_publishes_and_history_says_so(env):
@@ -120,11 +106,10 @@ def test_a_failing_build_script_keeps_the_old_bank_and_names_the_error(env, tmp_
 
 
 def test_a_cleared_register_of_a_completed_run_keeps_the_row(env):
-    from inspection_refresh.registry import DeploymentRegistry
     from inspection_refresh.tasks import patchcore as pipeline
 
     run = pipeline.PatchcoreRun(run_id=f"manual__{uuid.uuid4()}")
-    DeploymentRegistry().finish(pipeline.DEPLOY_TYPE, run.dag_id, run.run_id, status="completed",
+    compose.deployment_registry().finish(pipeline.DEPLOY_TYPE, run.dag_id, run.run_id, status="completed",
                                 message="1 PatchCore banks published: TEX01", result_data={"products": {}})
     outcome = pipeline.register(run)  # its work files were removed when the run completed
     assert (outcome["status"], outcome["message"]) == ("completed", "1 PatchCore banks published: TEX01")
@@ -134,7 +119,7 @@ def test_a_cleared_register_of_a_completed_run_keeps_the_row(env):
 
 
 def test_prepare_fails_for_a_retry_naming_an_image_that_never_downloads(env, s3_server, tmp_path):
-    from inspection_refresh.storage import ObjectStorage, StorageError
+    from inspection_refresh.storage import StorageError
     from inspection_refresh.tasks import patchcore as pipeline
 
     run = pipeline.PatchcoreRun(run_id="manual__prepare")
@@ -145,7 +130,7 @@ def test_prepare_fails_for_a_retry_naming_an_image_that_never_downloads(env, s3_
 
     with s3_server.faults(always_fail=["TEX01_OK_003"]):
         # A new version of the image, which then cannot be downloaded.
-        ObjectStorage().client.put_object(Bucket=os.environ["INSPECTION_BUCKET"],
+        compose.object_storage().client.put_object(Bucket=os.environ["INSPECTION_BUCKET"],
                                           Key="images/normal/11/TEX01_OK_003.jpg", Body=sample_jpeg(0, 303))
         with pytest.raises(StorageError, match="TEX01_OK_003") as info:
             pipeline.prepare_product(run, tex01)
@@ -205,9 +190,6 @@ def test_with_the_storage_run_store_the_bank_travels_through_object_storage(env,
     """INSPECTION_RUN_STORE=storage: prepare hands over inventories, build fetches them and stores the bank,
     publish stages it from the store; a failed build's log still names the error; completed runs leave nothing."""
     import torch
-
-    from inspection_refresh.storage import ObjectStorage
-
     from inspection_refresh.publish import Publisher
 
     monkeypatch.setenv("INSPECTION_RUN_STORE", "storage")
@@ -221,7 +203,7 @@ def test_with_the_storage_run_store_the_bank_travels_through_object_storage(env,
                      (result.run_id,))[0]
     tex = json.loads(row["result_data"])["products"]["TEX01"]
     assert row["status"] == "completed" and tex["bank_size"] == memory_bank.shape[0] and tex["num_images"] == 8
-    storage = ObjectStorage()
+    storage = compose.object_storage()
     assert not list(storage.list_objects("airflow-runs/patchcore/", include_folders=True))  # removed at the end
     cache = tmp_path / "cache" / "patchcore"
     assert not list(cache.glob("runs/*")) and not list(cache.glob("builds/*/*"))  # no local hand-over, no scratch

@@ -10,6 +10,9 @@ runs triggered and marked failed through the REST API, as the UI does. The Task 
 itself ``airflow worker -- <task instance id>``: that child is what a crash or the OOM killer
 takes, and what these tests ``kill -9``.
 
+Starting and stopping the processes, and the REST API calls, are the shared harness's
+(:class:`~tests.integration.airflow_processes.AirflowProcesses`).
+
 The whole module takes about 2 minutes on the 2-core development machine (1m50s-2m30s measured):
 50-70 s to migrate and start Airflow and publish a first version, then 10-25 s per scenario (5 DAG
 runs in all).
@@ -19,149 +22,31 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import signal
-import socket
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import suppress
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
+from inspection_refresh import compose
 
+from tests.conftest import _free_port
+from tests.integration.airflow_processes import (
+    RUN_TIMEOUT_S,
+    AirflowProcesses,
+    has_ended,
+    wait_until,
+)
 from tests.samples import sample_jpeg
 
 pytestmark = [pytest.mark.slow, pytest.mark.scheduler]
 
 DAG_ID = "clip_index_normal"
 INDEX_TYPE = "normal"
-AIRFLOW = str(Path(sys.executable).with_name("airflow"))
-RUN_TIMEOUT_S = 240
-T = TypeVar("T")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(condition: Callable[[], T], timeout: float, what: str, interval: float = 0.2) -> T:
-    """Poll ``condition`` until it returns something truthy, and return that."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-
-
-@dataclass
-class RealAirflow:
-    """API server, scheduler and DAG processor of one AIRFLOW_HOME, driven through the REST API."""
-
-    home: Path
-    env: dict[str, str]
-    port: int
-    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
-    token: str = ""
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def cli(self, *args: str) -> None:
-        subprocess.run([AIRFLOW, *args], env=self.env, check=True, capture_output=True, timeout=300)
-
-    def start(self) -> None:
-        self.cli("db", "migrate")
-        self.cli("pools", "set", self.env["INSPECTION_TRANSFER_POOL"], self.env["INSPECTION_MAX_TRANSFERS"],
-                 "Object-storage downloads")
-        commands = {"api-server": ["api-server", "--port", str(self.port), "--workers", "1"],
-                    "scheduler": ["scheduler"], "dag-processor": ["dag-processor"]}
-        for name, args in commands.items():
-            with open(self.home / f"{name}.log", "wb") as log:
-                # Own session: teardown signals each component with everything it started.
-                self.processes[name] = subprocess.Popen([AIRFLOW, *args], env=self.env, stdout=log,
-                                                        stderr=subprocess.STDOUT, start_new_session=True)
-        wait_until(self._api_answers, 120, f"the API server on {self.url} ({self.home / 'api-server.log'})", 1)
-        self.token = self.api("GET", "/auth/token")["access_token"]
-        wait_until(lambda: self.api("GET", f"/api/v2/dags/{DAG_ID}", missing_ok=True), 180,
-                   f"the DAG processor to parse {DAG_ID} ({self.home / 'dag-processor.log'})", 1)
-        self.api("PATCH", f"/api/v2/dags/{DAG_ID}", json={"is_paused": False})
-
-    def _api_answers(self) -> bool:
-        import httpx
-
-        try:
-            return httpx.get(f"{self.url}/api/v2/version", timeout=2).status_code < 500
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        import psutil
-
-        family = []
-        for process in self.processes.values():
-            with suppress(psutil.NoSuchProcess):
-                component = psutil.Process(process.pid)
-                family += [component, *component.children(recursive=True)]
-            with suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGTERM)
-        _, alive = psutil.wait_procs(family, timeout=20)
-        for process in alive:  # task children have process groups of their own
-            with suppress(psutil.NoSuchProcess):
-                process.kill()
-        for process in self.processes.values():
-            process.wait(10)
-
-    def api(self, method: str, path: str, *, missing_ok: bool = False, **kwargs: Any) -> Any:
-        import httpx
-
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        response = httpx.request(method, self.url + path, headers=headers, timeout=30, **kwargs)
-        if missing_ok and response.status_code == 404:
-            return None
-        assert response.status_code < 300, f"{method} {path}: {response.status_code} {response.text}"
-        return response.json()
-
-    def trigger(self) -> str:
-        return self.api("POST", f"/api/v2/dags/{DAG_ID}/dagRuns", json={"logical_date": None})["dag_run_id"]
-
-    def run_state(self, run_id: str) -> str:
-        return self.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")["state"]
-
-    def task_instances(self, run_id: str) -> dict[str, dict[str, Any]]:
-        listing = self.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
-        return {ti["task_id"]: ti for ti in listing["task_instances"]}
-
-    def wait_for_end(self, run_id: str) -> str:
-        return wait_until(lambda: (state := self.run_state(run_id)) in ("success", "failed") and state,
-                          RUN_TIMEOUT_S, f"run {run_id} to end ({self.home}/*.log)")
-
-    def running_task_process(self, run_id: str, task_id: str):
-        """The process running ``task_id`` of the run, as soon as it exists."""
-        def find():
-            ti = self.task_instances(run_id).get(task_id, {})
-            return ti.get("state") == "running" and task_process(ti["id"])
-        return wait_until(find, RUN_TIMEOUT_S, f"{task_id} of {run_id} to run", 0.1)
-
-
-def task_process(ti_id: str):
-    """The Task SDK's task child (not its supervisor, titled ``... LocalExecutor: <id>``), or None."""
-    import psutil
-
-    title = f"airflow worker -- {ti_id}"
-    for process in psutil.process_iter(["cmdline"]):
-        if " ".join(process.info["cmdline"] or ()).strip() == title:
-            return process
-    return None
+POOL_DESCRIPTION = "Object-storage downloads"
 
 
 def has_loaded_torch(pid: int) -> bool:
@@ -172,20 +57,11 @@ def has_loaded_torch(pid: int) -> bool:
         return False
 
 
-def has_ended(process) -> bool:
-    import psutil
-
-    try:
-        return process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
 @dataclass
 class Deployment:
     """The module's bucket and published index, as the Airflow processes see them."""
 
-    airflow: RealAirflow
+    airflow: AirflowProcesses
     storage: Any
     index_root: Path
 
@@ -217,15 +93,14 @@ class Deployment:
         return sum(1 for _ in self.storage.list_objects("images/normal/"))
 
     def row(self, run_id: str) -> dict[str, Any] | None:
-        from inspection_refresh.registry import DeploymentRegistry
 
-        return DeploymentRegistry().find_run(DAG_ID, run_id)
+        return compose.deployment_registry().find_run(DAG_ID, run_id)
 
     def watch_until_end(self, run_id: str) -> tuple[str, set[str | None]]:
         """The run's final state and every version seen live meanwhile (each one whole)."""
         seen = {self.live_version()}
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while (state := self.airflow.run_state(run_id)) not in ("success", "failed"):
+        while (state := self.airflow.run_state(DAG_ID, run_id)) not in ("success", "failed"):
             assert time.monotonic() < deadline, f"run {run_id} still {state} after {RUN_TIMEOUT_S}s"
             seen.add(self.live_version())
             time.sleep(0.2)
@@ -251,23 +126,15 @@ class Deployment:
 @pytest.fixture(scope="module")
 def deployment(s3_server, mysql_database, clip_checkpoint, tmp_path_factory) -> Iterator[Deployment]:
     """A real Airflow over a fresh bucket and index root, and a first published version."""
-    from inspection_refresh.storage import ObjectStorage
 
     home = tmp_path_factory.mktemp("real-airflow")
     bucket = f"sched-{uuid.uuid4().hex[:10]}"
-    storage = ObjectStorage(bucket=bucket)
+    storage = compose.object_storage(bucket=bucket)
     storage.client.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "kr-standard"})
-    port = _free_port()
-    env = {
-        **os.environ,  # AIRFLOW_CONN_NCP_OBJECT_STORAGE / _DEPLOY_DB, dags and plugins folders, from conftest
-        "AIRFLOW_HOME": str(home),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+    # LocalExecutor on SQLite in the home (the harness's default), on top of the session's environment:
+    # AIRFLOW_CONN_NCP_OBJECT_STORAGE / _DEPLOY_DB, dags and plugins folders, from conftest
+    airflow = AirflowProcesses(home, extra_env={
         "AIRFLOW__CORE__PARALLELISM": "2",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
-        "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32),
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),  # not 8793: a demo Airflow may hold it
         "INSPECTION_CLIP_SCHEDULE": "none",  # manual runs only: unpausing must not start a scheduled one
         "INSPECTION_RETRY_DELAY_SECONDS": "2",
@@ -277,19 +144,20 @@ def deployment(s3_server, mysql_database, clip_checkpoint, tmp_path_factory) -> 
         "INSPECTION_INDEX_ROOT": str(home / "data" / "clip_index"),
         "INSPECTION_CACHE_ROOT": str(home / "data" / "cache"),
         "INSPECTION_CLIP_PRETRAINED": str(clip_checkpoint),
-    }
-    airflow = RealAirflow(home, env, port)
+    })
     deployment = Deployment(airflow, storage, home / "data" / "clip_index")
     for seed in range(6):
         deployment.add_image(seed)
+    pool = airflow.extra_env["INSPECTION_TRANSFER_POOL"], airflow.extra_env["INSPECTION_MAX_TRANSFERS"]
     try:
-        airflow.start()
-        first = airflow.trigger()
-        assert airflow.wait_for_end(first) == "success", airflow.task_instances(first)
+        airflow.start(before=[("pools", "set", *pool, POOL_DESCRIPTION)], api_timeout=120)
+        airflow.unpause(DAG_ID)
+        first = airflow.trigger(DAG_ID)
+        assert airflow.wait_for_end(DAG_ID, first) == "success", airflow.task_instances(DAG_ID, first)
         assert deployment.row(first)["status"] == "completed"
         yield deployment
     finally:
-        airflow.stop()
+        airflow.stop(grace=20)
 
 
 def run_caught_in(deployment: Deployment, task_id: str, image_seed: int) -> tuple[str, str, Any]:
@@ -302,8 +170,8 @@ def run_caught_in(deployment: Deployment, task_id: str, image_seed: int) -> tupl
     airflow = deployment.airflow
     before = deployment.live_version()
     deployment.add_image(image_seed)
-    run_id = airflow.trigger()
-    process = airflow.running_task_process(run_id, task_id)
+    run_id = airflow.trigger(DAG_ID)
+    _, process = airflow.running_task(DAG_ID, run_id, task_id, interval=0.1)
     if task_id == "embed":
         wait_until(lambda: has_loaded_torch(process.pid), 60, "embed to start embedding", 0.05)
     else:
@@ -323,7 +191,7 @@ def test_a_killed_task_process_leaves_the_old_version_live_and_the_record_true(d
     state, seen = deployment.watch_until_end(run_id)
     row = deployment.assert_outcome_is_recorded_truly(run_id, state, before, seen)
     if state == "success":
-        assert airflow.task_instances(run_id)[task_id]["try_number"] == 2  # Airflow retried the killed try
+        assert airflow.task_instances(DAG_ID, run_id)[task_id]["try_number"] == 2  # Airflow retried the killed try
         assert row["result_data"]["num_images"] == deployment.image_count()
 
 
@@ -334,16 +202,16 @@ def mark_failed_and_check_the_record(deployment: Deployment, run_id: str, proces
     # Airflow calls no DAG failure callback for this; the listener in plugins/, run by the API server, does.
     airflow.api("PATCH", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}", json={"state": "failed"})
     row = wait_until(lambda: (r := deployment.row(run_id))["status"] != "running" and r, 60,
-                     "the deployment row to be closed")
+                     "the deployment row to be closed", 0.2)
     assert row["status"] == "failed" and row["completed_at"], row
     assert f"Airflow run {run_id} was marked failed through the Airflow UI or API" in row["result_message"]
 
     # The supervisor stops the task at its next heartbeat (SIGTERM, then SIGKILL 5 s later) unless it ends first.
-    wait_until(lambda: has_ended(process), 30, "the marked run's task process to end")
-    assert airflow.run_state(run_id) == "failed"
+    wait_until(lambda: has_ended(process), 30, "the marked run's task process to end", 0.2)
+    assert airflow.run_state(DAG_ID, run_id) == "failed"
     assert deployment.live_version() == before and not deployment.staging_dirs()
     assert deployment.row(run_id)["status"] == "failed"
-    return {task_id: ti["state"] for task_id, ti in airflow.task_instances(run_id).items()}
+    return {task_id: ti["state"] for task_id, ti in airflow.task_instances(DAG_ID, run_id).items()}
 
 
 def test_run_marked_failed_during_embed_closes_its_record(deployment):
@@ -360,7 +228,7 @@ def test_run_marked_failed_while_index_save_writes_publishes_nothing(deployment)
     assert (states["index_save"], states["register"]) == ("failed", "skipped"), states
     task_log = airflow.home / "logs" / f"dag_id={DAG_ID}" / f"run_id={run_id}" / "task_id=index_save" / "attempt=1.log"
     wait_until(lambda: task_log.exists() and "is not published, the live version stays" in task_log.read_text(),
-               30, f"index_save's refusal in {task_log}")
+               30, f"index_save's refusal in {task_log}", 0.2)
 
 
 def test_a_missing_pool_fails_the_run_at_once_with_the_command_that_creates_it(deployment):
@@ -369,14 +237,14 @@ def test_a_missing_pool_fails_the_run_at_once_with_the_command_that_creates_it(d
     before = deployment.live_version()
     airflow.cli("pools", "delete", pool)
     try:
-        run_id = airflow.trigger()
-        state = wait_until(lambda: (s := airflow.run_state(run_id)) in ("success", "failed") and s, 60,
-                           "the run without its pool to end")
+        run_id = airflow.trigger(DAG_ID)
+        state = wait_until(lambda: (s := airflow.run_state(DAG_ID, run_id)) in ("success", "failed") and s, 60,
+                           "the run without its pool to end", 0.2)
         run = airflow.api("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}")
     finally:
-        airflow.cli("pools", "set", pool, airflow.env["INSPECTION_MAX_TRANSFERS"], "Object-storage downloads")
+        airflow.cli("pools", "set", pool, airflow.env["INSPECTION_MAX_TRANSFERS"], POOL_DESCRIPTION)
     assert state == "failed"
     assert f"use pool(s) {pool}, which do not exist" in run["note"]
     assert f'airflow pools set {pool} {airflow.env["INSPECTION_MAX_TRANSFERS"]} "Object-storage downloads"' in run["note"]
-    assert all(ti["state"] in (None, "none") for ti in airflow.task_instances(run_id).values())  # nothing ran
+    assert all(ti["state"] in (None, "none") for ti in airflow.task_instances(DAG_ID, run_id).values())  # nothing ran
     assert deployment.live_version() == before

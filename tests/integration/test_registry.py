@@ -10,16 +10,19 @@ from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
-
+from inspection_refresh import compose
 from inspection_refresh.registry import (
-    CUT_MARKER, MESSAGE_LIMIT_BYTES, DeploymentRegistry, RegistryError, fit_message,
+    CUT_MARKER,
+    MESSAGE_LIMIT_BYTES,
+    RegistryError,
+    fit_message,
 )
 
 NORMAL, DEFECT, PATCHCORE = "clip_index_normal", "clip_index_defect", "patchcore_memory_bank"
 
 @pytest.fixture
 def registry(mysql_database):
-    return DeploymentRegistry()
+    return compose.deployment_registry()
 
 
 def test_table_is_created_when_missing_and_existing_rows_are_kept(registry, sql):
@@ -87,7 +90,7 @@ def test_unreachable_database_names_the_connection(monkeypatch, mysql_database):
     monkeypatch.setenv("AIRFLOW_CONN_BROKEN_DB", '{"conn_type": "mysql", "host": "127.0.0.1", "port": 1, '
                                                  '"login": "root", "schema": "x"}')
     with pytest.raises(RegistryError, match="database connection 'broken_db'"):
-        DeploymentRegistry("broken_db").history()
+        compose.deployment_registry("broken_db").history()
 
 
 def test_both_clip_dags_with_one_run_id_keep_a_row_each(registry, sql):
@@ -108,7 +111,7 @@ def test_concurrent_starts_of_one_run_make_one_row(mysql_database, sql):
     barrier = threading.Barrier(writers)
 
     def start() -> int:
-        registry = DeploymentRegistry()
+        registry = compose.deployment_registry()
         registry.ensure_tables()
         barrier.wait()  # every writer looks for the row at the same moment
         return registry.start("clip_rebuild", NORMAL, run_id)
@@ -125,7 +128,6 @@ def least_privileged_connection(mysql_database, monkeypatch):
     """A schema holding deployment_logs and an account with only SELECT, INSERT, UPDATE on it,
     as Airflow connection ``deploy_db_limited``; both are dropped afterwards."""
     import MySQLdb
-
     from inspection_refresh.registry import CREATE_DEPLOYMENT_LOGS
 
     schema, account, password = (f"inspection_lp_{uuid.uuid4().hex[:8]}", f"deploy_{uuid.uuid4().hex[:8]}",
@@ -149,7 +151,7 @@ def least_privileged_connection(mysql_database, monkeypatch):
 def test_an_account_with_only_select_insert_update_writes_the_history(least_privileged_connection):
     conn_id, schema, admin = (least_privileged_connection[k] for k in ("conn_id", "schema", "admin"))
     run_id = f"manual__{uuid.uuid4()}"
-    registry = DeploymentRegistry(conn_id)
+    registry = compose.deployment_registry(conn_id)
     registry.start("patchcore_create", PATCHCORE, run_id, deployed_by="airflow:admin")
     registry.finish("patchcore_create", PATCHCORE, run_id, status="completed", message="2 banks published")
     admin.execute(f"SELECT status, result_message FROM `{schema}`.deployment_logs")
@@ -157,7 +159,7 @@ def test_an_account_with_only_select_insert_update_writes_the_history(least_priv
 
     admin.execute(f"DROP TABLE `{schema}`.deployment_logs")
     with pytest.raises(RegistryError, match=r"may not create it .*Grant CREATE on that schema"):
-        DeploymentRegistry(conn_id).start("patchcore_create", PATCHCORE, run_id)
+        compose.deployment_registry(conn_id).start("patchcore_create", PATCHCORE, run_id)
 
 
 def test_a_long_hangul_message_is_cut_to_the_column_on_a_character_boundary(registry, sql):
@@ -189,7 +191,7 @@ def test_the_next_run_closes_rows_that_ended_runs_left_running(registry):
 
 
 def test_failure_callback_closes_an_open_row_and_keeps_a_closed_one(registry):
-    from inspection_refresh.airflow_support import close_deployment_on_failure
+    from inspection_refresh.operators import close_deployment_on_failure
 
     dag = SimpleNamespace(dag_id=NORMAL, dagrun_timeout=timedelta(hours=3))
     timed_out, register_failed, completed = (f"scheduled__{uuid.uuid4()}" for _ in range(3))
@@ -210,7 +212,7 @@ def test_failure_callback_closes_an_open_row_and_keeps_a_closed_one(registry):
 
 
 def test_failure_callback_never_raises_when_the_database_is_down(monkeypatch, mysql_database, caplog):
-    from inspection_refresh.airflow_support import close_deployment_on_failure
+    from inspection_refresh.operators import close_deployment_on_failure
 
     monkeypatch.setenv("INSPECTION_DB_CONN_ID", "broken_db")
     monkeypatch.setenv("AIRFLOW_CONN_BROKEN_DB", '{"conn_type": "mysql", "host": "127.0.0.1", "port": 1, '
@@ -245,6 +247,6 @@ def test_listener_closes_rows_of_runs_an_operator_ended_and_leaves_the_rest(regi
 
 
 def test_publishing_is_not_refused_outside_an_airflow_task():
-    from inspection_refresh.airflow_support import refuse_publishing_if_run_ended
+    from inspection_refresh.runtime import refuse_publishing_if_run_ended
 
     refuse_publishing_if_run_ended(NORMAL, "manual__cli", "normal index version X")  # no error: nothing to ask

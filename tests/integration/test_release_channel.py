@@ -18,10 +18,12 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
+from inspection_refresh import compose
 from inspection_refresh.channel import MANIFEST_NAME
+from inspection_refresh.cli import main
 from inspection_refresh.config import get_settings
-from inspection_refresh.publish import Publisher, PublishError, main, new_version_id
+from inspection_refresh.publish import Publisher, PublishError, new_version_id
+
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 
 ROWS, DIM = 12, 32
@@ -54,11 +56,10 @@ def image_bytes(i: int) -> bytes:
 def publish_clip(seed: int, *, unpin: bool = False) -> tuple[str, "object"]:
     """A small real CLIP index directory (the package's writer), published as a manual or scheduled run does."""
     import numpy as np
-
     from inspection_refresh.clip.index import METADATA_KEYS, write_index_files
 
     vectors = np.random.default_rng(seed).standard_normal((ROWS, DIM)).astype("float32")
-    publisher = get_settings().index_publisher()
+    publisher = compose.index_publisher()
     version = new_version_id()
     staging = publisher.stage("normal")
     final = staging.parent / version
@@ -78,7 +79,7 @@ def publish_bank(code: str, seed: int) -> tuple[str, "object"]:
     """A bank-like directory: memory_bank.pt, bank_config.json, tau.json and ok/ images."""
     import torch
 
-    publisher = get_settings().patchcore_publisher()
+    publisher = compose.patchcore_publisher()
     staging = publisher.stage(code)
     bank = torch.nn.functional.normalize(torch.randn(40, 64, generator=torch.Generator().manual_seed(seed)), dim=1)
     torch.save(bank, staging / "memory_bank.pt")
@@ -117,20 +118,19 @@ def tree(directory: Path) -> dict[str, str]:
 
 
 def change_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "inspection_refresh.channel" and " -> " in r.getMessage()]
+    return [r.getMessage() for r in caplog.records if r.name == "inspection_refresh.agent" and " -> " in r.getMessage()]
 
 
 def test_two_nodes_install_identical_verified_versions_the_service_loads(env, caplog):
     import faiss
     import torch
-
     from inspection_refresh.clip.index import search
 
     clip_version, vectors = publish_clip(seed=1)
     bank_version, bank = publish_bank("BRKT01", seed=1)
     settings = get_settings()
     worker_clip = settings.index_releases / "normal" / clip_version
-    assert settings.index_publisher().current("normal") == clip_version  # "both": published here too
+    assert compose.index_publisher(settings).current("normal") == clip_version  # "both": published here too
 
     # The channel: every file under the version prefix, the manifest, then current.json naming its sha256.
     version_prefix = f"{PREFIX}clip/normal/{clip_version}/"
@@ -147,7 +147,7 @@ def test_two_nodes_install_identical_verified_versions_the_service_loads(env, ca
     assert json.loads(get(env, f"{PREFIX}patchcore/BRKT01/current.json"))["version"] == bank_version
 
     nodes = [env.tmp / "node-a", env.tmp / "node-b"]
-    with caplog.at_level(logging.INFO, logger="inspection_refresh.channel"):
+    with caplog.at_level(logging.INFO, logger="inspection_refresh.agent"):
         for node in nodes:
             assert pull(env, node) == 0  # no --artefact: everything in the channel
     lines = change_lines(caplog)
@@ -187,7 +187,7 @@ def test_a_tampered_or_missing_object_is_refused_and_the_node_keeps_its_version(
 
     def refused(*expected: str) -> None:
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="inspection_refresh.channel"):
+        with caplog.at_level(logging.INFO, logger="inspection_refresh.agent"):
             assert pull(env, node, "--artefact", "clip:normal") == 1
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and all(text in errors[0] for text in expected), errors
@@ -238,13 +238,13 @@ def test_a_rollback_moves_the_channel_pointer_and_pins_it_for_every_host(env, ca
     assert json.loads(get(env, f"{PREFIX}clip/normal/pin.json"))["version"] == v1
 
     # Another Airflow host sharing the channel sees the pin, though it has no local pin file.
-    other = Publisher(env.tmp / "other-host" / "clip_index", channel=get_settings().release_channel("clip"))
+    other = Publisher(env.tmp / "other-host" / "clip_index", channel=compose.release_channel("clip"))
     assert other.pinned("normal")["version"] == v1
     with pytest.raises(PublishError, match=f"pinned to version {v1}"):
         publish_clip(seed=3)  # a scheduled run
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="inspection_refresh.channel"):
+    with caplog.at_level(logging.INFO, logger="inspection_refresh.agent"):
         assert pull(env, node) == 0
     assert node_publisher(node).current("normal") == v1  # its kept copy, checked and swapped back
     [line] = change_lines(caplog)
@@ -285,7 +285,7 @@ def test_the_reload_hooks_run_only_after_a_swap(env, caplog):
     try:
         v1, _ = publish_clip(seed=1)
         publish_bank("BRKT01", seed=1)
-        with caplog.at_level(logging.INFO, logger="inspection_refresh.channel"):
+        with caplog.at_level(logging.INFO, logger="inspection_refresh.agent"):
             assert pull(env, node, *hooks) == 0
         assert marker.read_text().splitlines() == ["clip:normal BRKT01"]  # once per pull, after the swaps
         assert _Recorder.posts == [{"artefacts": ["clip:normal", "BRKT01"]}]
@@ -302,7 +302,7 @@ def test_the_reload_hooks_run_only_after_a_swap(env, caplog):
         v3, _ = publish_clip(seed=3)
         caplog.clear()
         failing = shlex.join([sys.executable, "-c", "import sys; sys.exit(3)"])
-        with caplog.at_level(logging.INFO, logger="inspection_refresh.channel"):
+        with caplog.at_level(logging.INFO, logger="inspection_refresh.agent"):
             assert pull(env, node, "--reload-command", failing) == 1  # the swap stands, the exit code says so
         assert node_publisher(node).current("normal") == v3
         assert change_lines(caplog)[0].endswith("reload failed: " + sys.executable + " exited 3")
@@ -314,7 +314,7 @@ def test_watch_installs_each_new_version(env):
     v1, _ = publish_clip(seed=1)
     node = env.tmp / "node"
     environment = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW_CONN_")}  # no Airflow here
-    code = ("import sys; from inspection_refresh.publish import main; rc = main(sys.argv[1:]); "
+    code = ("import sys; from inspection_refresh.cli import main; rc = main(sys.argv[1:]); "
             "print('airflow imported:', any(m.split('.')[0] == 'airflow' for m in sys.modules), flush=True); "
             "sys.exit(rc)")
     process = subprocess.Popen(
@@ -345,17 +345,17 @@ def test_the_channel_keeps_n_versions_but_never_the_current_or_pinned_one(env, m
     monkeypatch.setenv("INSPECTION_KEEP_VERSIONS", "2")
     dead = f"{PREFIX}clip/normal/20200101T000000000000Z/faiss_index.bin"  # an upload that died long ago
     put(env, dead, b"half")
-    with caplog.at_level(logging.INFO, logger="inspection_refresh.channel"):
+    with caplog.at_level(logging.INFO, logger="inspection_refresh.agent"):
         v1, _ = publish_clip(seed=1)
         v2, _ = publish_clip(seed=2)
         v3, _ = publish_clip(seed=3)
-    channel = get_settings().release_channel("clip")
+    channel = compose.release_channel("clip")
     assert channel.versions("normal") == [v2, v3]
     assert not [o for o in env.storage.list_objects(f"{PREFIX}clip/normal/") if o.key == dead]
     uploads = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Uploaded clip:normal")]
     assert f"({ROWS} unchanged, copied in the bucket)" in uploads[1]  # the images of v1, not sent again
 
-    get_settings().index_publisher().rollback("normal", v2, pinned_by="test")
+    compose.index_publisher().rollback("normal", v2, pinned_by="test")
     v4, _ = publish_clip(seed=4, unpin=True)  # a manual run: publishes over the pin and removes it
     assert channel.versions("normal") == [v2, v4]  # v2 was pinned while pruning; v4 is current
     assert json.loads(get(env, f"{PREFIX}clip/normal/current.json"))["version"] == v4
@@ -364,9 +364,9 @@ def test_the_channel_keeps_n_versions_but_never_the_current_or_pinned_one(env, m
 
 def test_publish_targets_setting(env, monkeypatch):
     monkeypatch.setenv("INSPECTION_PUBLISH_TARGETS", "local")
-    assert get_settings().index_publisher().channel is None
+    assert compose.index_publisher().channel is None
     monkeypatch.setenv("INSPECTION_PUBLISH_TARGETS", "channel")
-    assert get_settings().patchcore_publisher().channel.kind == "patchcore"
+    assert compose.patchcore_publisher().channel.kind == "patchcore"
     monkeypatch.setenv("INSPECTION_PUBLISH_TARGETS", "s3")
     with pytest.raises(ValueError, match="INSPECTION_PUBLISH_TARGETS"):
         get_settings()

@@ -11,10 +11,16 @@ import os
 import re
 
 import pytest
-
 from inspection_refresh.publish import Publisher
+
 from tests.integration.dag_runner import run_dag
-from tests.integration.test_clip_dag import deployment_row, env, jpeg, live_version, seed_normal  # noqa: F401
+from tests.integration.test_clip_dag import (  # noqa: F401
+    deployment_row,
+    env,
+    jpeg,
+    live_version,
+    seed_normal,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +69,7 @@ def test_rollback_dag_pins_until_a_manual_run_publishes(env):
 
 
 def test_cli_rollback_pins_and_the_dag_unpins_or_fails_clearly(env, capsys):
-    from inspection_refresh.publish import main
+    from inspection_refresh.cli import main
     from inspection_refresh.tasks.common import NothingToDo
 
     older, newer = publish_two_versions(env)

@@ -5,16 +5,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import time
 from datetime import date
 
 import pytest
-
+from inspection_refresh import compose
 from inspection_refresh.config import get_settings
 from inspection_refresh.runstore import (
-    DIR_MANIFEST, RunFileMissing, RunStore, RunStoreError, UnsafeNameError, materialise_images,
+    DIR_MANIFEST,
+    RunFileMissing,
+    RunStore,
+    RunStoreError,
+    UnsafeNameError,
+    materialise_images,
 )
-from inspection_refresh.storage import ObjectStorage, UnsafeKeyError
+from inspection_refresh.storage import UnsafeKeyError
 from inspection_refresh.tasks.stages import read_stages, record_stage
 
 RUN_ID = "manual__2026-11-28T02:00:00.123456+00:00"
@@ -27,7 +33,7 @@ def open_store(request, tmp_path):
     storage = request.getfixturevalue("storage") if request.param == "storage" else None
 
     def open_store(run_id: str = RUN_ID, pipeline: str = "clip", **changes) -> RunStore:
-        return RunStore.for_run(pipeline, run_id, dataclasses.replace(settings, **changes), storage=storage)
+        return compose.run_store(pipeline, run_id, dataclasses.replace(settings, **changes), storage=storage)
 
     open_store.backend = request.param
     open_store.storage = storage
@@ -156,7 +162,7 @@ def test_run_ids_and_pipelines_cannot_leave_the_store(open_store):
 
 
 def test_a_local_store_refuses_a_symlink_out_of_the_run(tmp_path):
-    store = RunStore.for_run("clip", RUN_ID, dataclasses.replace(get_settings(), run_store="local", cache_root=tmp_path))
+    store = compose.run_store("clip", RUN_ID, dataclasses.replace(get_settings(), run_store="local", cache_root=tmp_path))
     (tmp_path / "outside").mkdir()
     os.symlink(tmp_path / "outside", store.local_dir / "link")
     with pytest.raises(UnsafeKeyError):
@@ -243,17 +249,109 @@ def test_the_backend_and_prefix_come_from_the_environment(s3_server, tmp_path, m
     monkeypatch.setenv("INSPECTION_RUN_STORE", "storage")
     monkeypatch.setenv("INSPECTION_RUN_STORE_PREFIX", "/custom/runs")
     monkeypatch.setenv("INSPECTION_RUN_RETENTION_DAYS", "3")
-    store = RunStore.for_run("clip", "normal-" + RUN_ID)
+    store = compose.run_store("clip", "normal-" + RUN_ID)
     assert store.retention_days == 3
     try:
         store.write_json("stage-download.json", {"ok": True})
-        keys = [o.key for o in ObjectStorage().list_objects("custom/")]
+        keys = [o.key for o in compose.object_storage().list_objects("custom/")]
         assert keys == ["custom/runs/clip/normal-manual__2026-11-28T02_00_00.123456_00_00/stage-download.json"]
     finally:
         store.remove_run()
     monkeypatch.setenv("INSPECTION_RUN_STORE", "nfs")
     with pytest.raises(RunStoreError, match="INSPECTION_RUN_STORE must be one of local, storage"):
-        RunStore.for_run("clip", RUN_ID)
+        compose.run_store("clip", RUN_ID)
+
+
+def test_files_written_and_read_through_the_store_stay_in_place_locally(open_store, tmp_path):
+    """How embed hands vectors.npy to index_save: written in the work directory, or stored once written."""
+    store = open_store().within("BRKT01")
+    with store.writing("vectors.npy") as path:
+        assert path.name == "vectors.npy"  # np.save keeps a name that already ends in .npy
+        path.write_bytes(b"vectors")
+    with pytest.raises(ValueError), store.writing("rows.json") as path:
+        path.write_bytes(b"half")
+        raise ValueError("embedding failed")
+    assert store.exists("vectors.npy") and (open_store.backend == "local") == store.exists("rows.json")
+    with store.reading("vectors.npy") as path:
+        assert path.read_bytes() == b"vectors"
+    if open_store.backend == "local":
+        assert path == store.local_dir / "vectors.npy" and path.exists()
+    else:
+        assert not path.exists() and store.local_dir is None and store.local_path("vectors.npy") is None
+        with pytest.raises(RunFileMissing), store.reading("nothing.npy"):
+            pass
+
+
+def test_a_workspace_is_the_store_itself_locally_and_scratch_in_object_storage(open_store, tmp_path):
+    """How a PatchCore build keeps its log: written in the workspace, kept, the scratch released."""
+    store = open_store().within("BRKT01")
+    scratch = make_tree(tmp_path / "scratch", {"left-by-an-earlier-try": b"x"})
+    workspace = store.workspace(scratch)
+    (workspace / "build.log").write_text("built\n")
+    store.keep_file("build.log", workspace / "build.log")
+    store.release(scratch)
+    assert store.read_text("build.log") == "built\n"
+    if open_store.backend == "local":
+        assert workspace == store.local_dir and read_tree(scratch) == {"left-by-an-earlier-try": b"x"}
+    else:
+        assert workspace == scratch and not scratch.exists()
+    other = make_tree(tmp_path / "elsewhere", {"build.log": b"copied\n"})
+    store.keep_file("build.log", other / "build.log")  # not in the workspace: stored with either backend
+    assert store.read_text("build.log") == "copied\n"
+
+
+def test_a_kept_directory_is_found_in_place_or_fetched_and_refilled(open_store, tmp_path):
+    """How index_save hands a staged version to publish, and a build its bank."""
+    store = open_store()
+    version = make_tree(tmp_path / "staging", {"manifest.json": b"{}", "images/1/a.jpg": b"jpg"})
+    kept = store.keep_dir("version", version, skip=["images"])
+    made, refilled, discarded = tmp_path / "fetched", [], []
+
+    def make():
+        made.mkdir()
+        return made
+
+    def fetch(**changes):
+        return store.fetch_dir("version", kept, make, refill=refilled.append, discard=discarded.append, **changes)
+
+    with fetch(keep_in_place=True) as directory:
+        assert read_tree(directory) == {"manifest.json": b"{}", **({"images/1/a.jpg": b"jpg"}
+                                                                   if open_store.backend == "local" else {})}
+    found = store.find_dir("version", kept, done="manifest.json")
+    assert found is not None and found.read_json("manifest.json") == {}
+    if open_store.backend == "local":
+        assert kept == {"staging": str(version)} and directory == version and refilled == [] and not made.exists()
+        assert store.find_dir("version", kept, done="bank_config.json") is None
+    else:
+        assert kept == {} and directory == made and refilled == [made] and store.exists("version")
+        assert open_store().find_dir("other", kept, done="manifest.json") is None
+    for keep_in_place in (True, False):
+        shutil.rmtree(made, ignore_errors=True)
+        with pytest.raises(ValueError), fetch(keep_in_place=keep_in_place):
+            raise ValueError("publishing failed")
+    # A fetched copy is always discarded; the original kept in place only unless keep_in_place.
+    assert discarded == ([version] if open_store.backend == "local" else [made, made])
+
+
+def test_images_and_paths_are_settled_by_the_task_whose_disk_they_are_on(open_store, tmp_path):
+    store = open_store()
+    recorded = [{"key": "images/normal/1/a.jpg", "etag": "e", "size": 1, "path": str(tmp_path / "a.jpg")}]
+    if open_store.backend == "local":  # every task shares the download's mirror: no request is made
+        assert store.fetch_images(None, "images/normal/1/", recorded, tmp_path / "mirror") == {
+            "images/normal/1/a.jpg": tmp_path / "a.jpg"}
+    else:  # this worker's mirror, brought to the inventory
+        storage = open_store.storage
+        storage.client.put_object(Bucket=storage.bucket, Key="images/normal/1/a.jpg", Body=b"jpeg")
+        [listed] = storage.list_objects("images/normal/1/")
+        recorded = [{"key": listed.key, "etag": listed.etag, "size": listed.size, "path": "/another/worker/a.jpg"}]
+        images = store.fetch_images(storage, "images/normal/1/", recorded, tmp_path / "mirror")
+        assert images == {"images/normal/1/a.jpg": tmp_path / "mirror" / "a.jpg"}
+        assert images["images/normal/1/a.jpg"].read_bytes() == b"jpeg"
+    settled = []
+    assert store.settle_ahead(lambda: "ahead", otherwise="later") == (
+        "ahead" if open_store.backend == "local" else "later")
+    store.settle_here(lambda: settled.append("here"))
+    assert settled == ([] if open_store.backend == "local" else ["here"])
 
 
 def test_images_are_rematerialised_on_another_worker_downloading_only_what_it_lacks(storage, tmp_path):

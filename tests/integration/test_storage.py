@@ -10,10 +10,16 @@ import urllib.request
 
 import pytest
 from botocore.exceptions import ClientError
-
+from inspection_refresh import compose
 from inspection_refresh.storage import (
-    ObjectStorage, StorageError, SYNC_STATE_FILE, UnsafeKeyError, local_path_for_key, require_complete,
+    SYNC_STATE_FILE,
+    ObjectStorage,
+    StorageError,
+    UnsafeKeyError,
+    local_path_for_key,
+    require_complete,
 )
+
 from tests.conftest import storage_connection
 
 
@@ -55,7 +61,7 @@ def test_listing_pages_with_v1_markers_on_a_server_that_refuses_v2(storage):
 
 
 def test_client_defaults_are_ncp_safe_and_overridable(s3_server, monkeypatch):
-    client = ObjectStorage().client
+    client = compose.object_storage().client
     assert client.meta.config.request_checksum_calculation == "when_required"
     assert client.meta.config.response_checksum_validation == "when_required"
     assert client.meta.config.s3["addressing_style"] == "path"
@@ -64,7 +70,7 @@ def test_client_defaults_are_ncp_safe_and_overridable(s3_server, monkeypatch):
     conn = json.loads(storage_connection(s3_server.endpoint))
     conn["extra"]["config_kwargs"] = {"s3": {"addressing_style": "virtual"}}
     monkeypatch.setenv("AIRFLOW_CONN_CUSTOM_STORAGE", json.dumps(conn))
-    custom = ObjectStorage("custom_storage").client
+    custom = compose.object_storage("custom_storage").client
     assert custom.meta.config.s3["addressing_style"] == "virtual"
     assert custom.meta.config.request_checksum_calculation == "when_required"
 
@@ -190,7 +196,9 @@ def test_a_failed_redownload_removes_the_stale_copy_and_the_next_sync_fetches_on
 
 def test_a_task_timeout_during_a_sync_cancels_the_queued_downloads(storage, s3_server, tmp_path, monkeypatch):
     from airflow.sdk.exceptions import AirflowTaskTimeout
-    from airflow.sdk.execution_time.timeout import timeout  # what runs a task's execution_timeout
+    from airflow.sdk.execution_time.timeout import (
+        timeout,  # what runs a task's execution_timeout
+    )
 
     for i in range(20):
         put(storage, f"images/normal/1/{i:02d}.jpg", os.urandom(1_000))
@@ -203,7 +211,7 @@ def test_a_task_timeout_during_a_sync_cancels_the_queued_downloads(storage, s3_s
         return download_once(self, key, *args, **kwargs)
 
     monkeypatch.setattr(ObjectStorage, "_download_once", recording)
-    slow = ObjectStorage(bucket=storage.bucket, max_transfers=2)
+    slow = compose.object_storage(bucket=storage.bucket, max_transfers=2)
     slow.client  # connect before the clock starts
     with s3_server.faults(latency_ms=500):  # 20 objects, 2 at a time: the whole sync would take 5 s
         began = time.monotonic()
@@ -242,12 +250,12 @@ def test_sync_logs_progress_lines_not_one_line_per_file(storage, tmp_path, caplo
 
 def test_missing_bucket_fails_with_a_clear_message(s3_server):
     with pytest.raises(StorageError, match="bucket 'no-such-bucket' does not exist") as info:
-        ObjectStorage(bucket="no-such-bucket").check_access()
+        compose.object_storage(bucket="no-such-bucket").check_access()
     assert not info.value.transient
 
 
 def test_wrong_credentials_fail_with_a_clear_message(s3_server, monkeypatch):
     monkeypatch.setenv("AIRFLOW_CONN_WRONG_KEYS", storage_connection(s3_server.endpoint, access_key="wrong"))
     with pytest.raises(StorageError, match="rejected the credentials.*connection 'wrong_keys'") as info:
-        list(ObjectStorage("wrong_keys").list_objects("images/"))
+        list(compose.object_storage("wrong_keys").list_objects("images/"))
     assert "test-secret-key" not in str(info.value)

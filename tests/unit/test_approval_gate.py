@@ -6,8 +6,11 @@ from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 
 import pytest
-
-from inspection_refresh.airflow_support import APPROVAL_MIN_WAIT, approval_required, approval_wait
+from inspection_refresh.operators import (
+    APPROVAL_MIN_WAIT,
+    approval_required,
+    approval_wait,
+)
 from inspection_refresh.tasks import approval
 from inspection_refresh.tasks.common import NothingToDo
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from inspection_refresh.progress import counted
-from inspection_refresh.storage import SyncResult, _log_skipped
+from inspection_refresh.storage import SyncResult
+from inspection_refresh.storage.sync import _log_skipped
 from inspection_refresh.tasks.clip_index import published_message
 from inspection_refresh.tasks.common import cap_list
 

@@ -11,9 +11,15 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from inspection_refresh import publish as publish_module
-from inspection_refresh.publish import MARKER_FILE, PIN_FILE, Publisher, PublishError, is_published_root, main
+from inspection_refresh import publish_migration as publish_module
+from inspection_refresh.cli import main
+from inspection_refresh.publish import (
+    MARKER_FILE,
+    PIN_FILE,
+    Publisher,
+    PublishError,
+    is_published_root,
+)
 
 
 @pytest.fixture

@@ -7,10 +7,15 @@ import time
 from types import SimpleNamespace
 
 import pytest
-
-from inspection_refresh.airflow_support import PermanentError, fail_permanent_errors, is_permanent, run_identity
+from inspection_refresh.runstore import run_work_dir, safe_run_id
+from inspection_refresh.runtime import (
+    PermanentError,
+    fail_permanent_errors,
+    is_permanent,
+    run_identity,
+)
 from inspection_refresh.storage import StorageError
-from inspection_refresh.tasks.common import prune_run_work_dirs, run_work_dir, safe_run_id
+from inspection_refresh.tasks.common import prune_run_work_dirs
 
 
 @pytest.mark.parametrize("run_type, user, scheduled, deployed_by", [
@@ -56,7 +61,7 @@ def test_old_work_dirs_of_failed_runs_are_pruned(tmp_path):
 
 
 def test_build_scripts_come_from_the_allow_list(tmp_path, monkeypatch):
-    from inspection_refresh.airflow_support import PermanentError
+    from inspection_refresh.runtime import PermanentError
     from inspection_refresh.tasks import patchcore as pipeline
 
     extra = tmp_path / "site_build.sh"

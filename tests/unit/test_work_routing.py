@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from inspection_refresh.config import get_settings
+from inspection_refresh.operators import executor_args, queue_args
 
 
 def test_defaults_keep_the_single_host_set_up(monkeypatch):
@@ -13,7 +13,7 @@ def test_defaults_keep_the_single_host_set_up(monkeypatch):
     settings = get_settings()
     assert settings.run_store == "local" and settings.run_store_prefix == "airflow-runs/"
     assert settings.run_retention_days == 14
-    assert settings.queue_args(heavy=True) == settings.queue_args() == {}  # Airflow's default queue
+    assert queue_args(settings, heavy=True) == queue_args(settings) == {}  # Airflow's default queue
 
 
 @pytest.mark.parametrize("heavy, default, heavy_args, other_args", [
@@ -27,8 +27,8 @@ def test_heavy_tasks_go_to_the_heavy_queue_and_the_rest_to_the_default_one(monke
     monkeypatch.setenv("INSPECTION_HEAVY_QUEUE", heavy)
     monkeypatch.setenv("INSPECTION_DEFAULT_QUEUE", default)
     settings = get_settings()
-    assert settings.queue_args(heavy=True) == heavy_args
-    assert settings.queue_args() == other_args
+    assert queue_args(settings, heavy=True) == heavy_args
+    assert queue_args(settings) == other_args
 
 
 def test_run_store_settings_are_read_from_the_environment(monkeypatch):
@@ -57,20 +57,20 @@ def test_no_gpu_pod_override_unless_asked(monkeypatch, value):
         monkeypatch.setenv("INSPECTION_HEAVY_POD_GPUS", value)
     settings = get_settings()
     assert settings.heavy_pod_gpus is None
-    assert settings.executor_args(heavy=True) == settings.executor_args() == {}
+    assert executor_args(settings, heavy=True) == executor_args(settings) == {}
 
 
 def test_heavy_tasks_request_gpus_from_kubernetes_when_asked(monkeypatch):
     monkeypatch.setenv("INSPECTION_HEAVY_POD_GPUS", "2")
     settings = get_settings()
-    assert settings.heavy_pod_gpus == 2 and settings.executor_args() == {}  # light tasks: nothing
+    assert settings.heavy_pod_gpus == 2 and executor_args(settings) == {}  # light tasks: nothing
     try:
         import kubernetes  # noqa: F401  (the KubernetesExecutor's provider brings it)
     except ImportError:
         with pytest.raises(RuntimeError, match="kubernetes client is not installed"):
-            settings.executor_args(heavy=True)
+            executor_args(settings, heavy=True)
         return
-    pod = settings.executor_args(heavy=True)["executor_config"]["pod_override"]
+    pod = executor_args(settings, heavy=True)["executor_config"]["pod_override"]
     (container,) = pod.spec.containers
     assert container.name == "base"  # the container Airflow's pod template runs the task in
     assert container.resources.limits == container.resources.requests == {"nvidia.com/gpu": "2"}

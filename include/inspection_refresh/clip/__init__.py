@@ -3,12 +3,16 @@
 Modules (import them inside tasks; each imports torch / open_clip / faiss only
 inside the functions that need them, and this package imports none of them):
 
-- :mod:`.weights`   -- ``model_identity``, ``create_random_checkpoint``, ``is_random_checkpoint``
-- :mod:`.embed`     -- ``load_model``, ``preprocess_image``, ``embed_files`` (reader -> model -> vectors)
-- :mod:`.cache`     -- ``EmbeddingCache``: vectors by (image sha256, model identity), one SQLite file
-- :mod:`.index`     -- ``write_index_files``, ``verify_index``, ``search`` (faiss_index.bin,
+- :mod:`.weights`    -- ``model_identity``, ``create_random_checkpoint``, ``is_random_checkpoint``
+- :mod:`.preprocess` -- ``preprocess_image``: the service's preprocessing, the single source of truth
+- :mod:`.model`      -- ``load_model``, ``LoadedModel``: the open_clip model, encoding batches to unit vectors
+- :mod:`.batched`    -- the batched run: DataLoader workers decode, model lanes encode
+- :mod:`.embed`      -- ``embed_files`` (reader -> model -> vectors, cache-aware), ``embed_image``; its
+  names also include the preprocessing's and the model's, as before they moved out
+- :mod:`.cache`      -- ``EmbeddingCache``: vectors by (image sha256, model identity), one SQLite file
+- :mod:`.index`      -- ``write_index_files``, ``verify_index``, ``search`` (faiss_index.bin,
   index_data.pt, embeddings.pt + metadata.json, manifest.json)
-- :mod:`.synthetic` -- synthetic JPEGs for tests, demo and benchmark
+- :mod:`.synthetic`  -- synthetic JPEGs for tests, demo and benchmark
 
 ``from inspection_refresh.clip import embed_files`` works too: names are resolved
 lazily on first use, so importing the package stays cheap for DAG parsing.
@@ -22,13 +26,13 @@ from typing import Any
 _LAZY = {
     "EmbeddingCache": "cache",
     "default_cache_dir": "cache",
-    "CLIPWeightsError": "embed",
+    "CLIPWeightsError": "model",
     "EmbedResult": "embed",
-    "LoadedModel": "embed",
+    "LoadedModel": "model",
     "embed_files": "embed",
     "embed_image": "embed",
-    "load_model": "embed",
-    "preprocess_image": "embed",
+    "load_model": "model",
+    "preprocess_image": "preprocess",
     "IndexVerificationError": "index",
     "search": "index",
     "verify_index": "index",

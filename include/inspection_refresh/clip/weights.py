@@ -33,7 +33,7 @@ from inspection_refresh.files import atomic_write, write_json_atomic
 log = logging.getLogger(__name__)
 
 PREPROCESS_VERSION = "rgb-squash224-bilinear-clipnorm-v1"
-"""Names the preprocessing in :mod:`inspection_refresh.clip.embed`; bump it whenever
+"""Names the preprocessing in :mod:`inspection_refresh.clip.preprocess`; bump it whenever
 that changes so that cached embeddings are not reused."""
 
 RANDOM_MARKER_KEY = "inspection_random_init"

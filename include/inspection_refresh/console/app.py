@@ -25,10 +25,11 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Redirect
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from inspection_refresh import compose
 from inspection_refresh.config import Settings, get_settings
 from inspection_refresh.console import data
 from inspection_refresh.console.airflow_api import airflow_api_url, trigger_dag_run
-from inspection_refresh.console.auth import ViewerDep, Viewer, check_csrf, csrf_token, login_url
+from inspection_refresh.console.auth import Viewer, ViewerDep, check_csrf, csrf_token, login_url
 from inspection_refresh.publish import Publisher, PublishError
 from inspection_refresh.registry import DeploymentRegistry
 from inspection_refresh.tasks.common import ROLLBACK_DAG_ID
@@ -87,16 +88,16 @@ def _format_time(value: Any) -> str:
 def _artefact(settings: Settings, label: str) -> tuple[str, Publisher]:
     """(name, publisher) of an artefact label from the form; ``ValueError`` if it names nothing published."""
     if label.startswith(CLIP_PREFIX):
-        name, publisher = label[len(CLIP_PREFIX):], settings.index_publisher()
+        name, publisher = label[len(CLIP_PREFIX):], compose.index_publisher(settings)
     else:
-        name, publisher = label, settings.patchcore_publisher()
+        name, publisher = label, compose.patchcore_publisher(settings)
     if name not in publisher.names():
         raise ValueError(f"{label!r} is not a published artefact")
     return name, publisher
 
 
 def create_app(*, settings: SettingsSource = get_settings,
-               registry: RegistrySource = lambda s: DeploymentRegistry(s.db_conn_id),
+               registry: RegistrySource = lambda s: compose.deployment_registry(s.db_conn_id),
                api_url: str | None = None) -> FastAPI:
     """The console app. ``settings``/``registry`` are read on every request (so a changed environment
     applies); ``api_url`` is where Airflow's REST API is (default: :func:`airflow_api_url`)."""

@@ -18,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from inspection_refresh import compose
 from inspection_refresh.clip.index import MANIFEST_FILE
 from inspection_refresh.clip.weights import RANDOM_MARKER_KEY, sidecar_path
 from inspection_refresh.config import Settings
@@ -259,13 +260,13 @@ def live_cards(settings: Settings, registry: DeploymentRegistry,
     problems: list[str] = []
     cards: list[ArtefactCard] = []
     try:
-        index_publisher = settings.index_publisher()
+        index_publisher = compose.index_publisher(settings)
         cards += [artefact_card("clip", t, index_publisher) for t in INDEX_TYPES if clip_dag_id(t) in readable_dag_ids]
     except (OSError, PublishError) as exc:
         problems.append(f"CLIP indexes: {exc}")
     if PATCHCORE_DAG_ID in readable_dag_ids:
         try:
-            bank_publisher = settings.patchcore_publisher()
+            bank_publisher = compose.patchcore_publisher(settings)
             cards += [artefact_card("patchcore", code, bank_publisher) for code in bank_publisher.names()]
         except (OSError, PublishError) as exc:
             problems.append(f"PatchCore banks: {exc}")
@@ -282,7 +283,7 @@ def histogram_path(settings: Settings, name: str, version: str) -> Path | None:
     versions listed on disk, and the file's real path must lie inside that version's
     directory, so no path outside a published version can be served.
     """
-    publisher = settings.patchcore_publisher()
+    publisher = compose.patchcore_publisher(settings)
     try:
         if name not in publisher.names() or version not in publisher.versions(name):
             return None

@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from inspection_refresh import compose
 from inspection_refresh.config import get_settings
 
 DEFECT_TYPES = {1: ("SCR", "scratch"), 2: ("HOL", "hole"), 3: ("STN", "stain")}
@@ -106,9 +107,8 @@ def sample_objects(products: list[DemoProduct], normal_per_product: int, defects
 def seed_storage(products: list[DemoProduct] = PRODUCTS, normal_per_product: int = 90, defects_per_type: int = 5,
                  size: tuple[int, int] = IMAGE_SIZE) -> dict[str, int]:
     """Create the bucket and upload the sample objects that are not there yet."""
-    from inspection_refresh.storage import ObjectStorage
 
-    storage = ObjectStorage()
+    storage = compose.object_storage()
     client = storage.client
     existing_buckets = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     if storage.bucket not in existing_buckets:
@@ -143,7 +143,6 @@ def ensure_clip_checkpoint(path: Path, model: str = "ViT-B-32") -> Path:
 def report() -> str:
     """Where things were published, and the deployment history, for people."""
     from inspection_refresh.publish import Publisher
-    from inspection_refresh.registry import DeploymentRegistry
 
     settings = get_settings()
     lines = ["", "CLIP indexes (the service reads <root>/<type>/):"]
@@ -158,7 +157,7 @@ def report() -> str:
         else:
             lines.append(f"  {clip.live_path(index_type)}: not published")
     banks = Publisher(settings.patchcore_root, releases=settings.patchcore_releases)
-    registry = DeploymentRegistry()
+    registry = compose.deployment_registry()
     latest = next(iter(registry.history(limit=1, deploy_type="patchcore_create")), None)
     built = ((latest or {}).get("result_data") or {}).get("products", {})
     codes = sorted(p.name for p in settings.patchcore_root.glob("*") if p.is_symlink())

@@ -9,7 +9,8 @@ Components, each usable and testable alone:
 * :mod:`.reservoir`   -- bounded-memory uniform sample of patch features
 * :mod:`.calibration` -- nearest-neighbour scores (FAISS), tau, AUROC, histogram
 * :mod:`.bank`        -- write the bank files atomically and validate a bank directory
-* :mod:`.build`       -- one product end to end, and the ``build_bank.py``-compatible CLI
+* :mod:`.product`     -- one product end to end (or every product under a root)
+* :mod:`.build`       -- the ``build_bank.py``-compatible CLI (``inspection-build-bank``)
 
 Importing this package is cheap: torch, torchvision and faiss are imported only
 by the modules that use them, which only the builder imports. The names below
@@ -33,8 +34,8 @@ _LAZY = {
     "BankBuildError": "options",
     "BankValidationError": "options",
     "BuildOptions": "options",
-    "build_product": "build",
-    "build_root": "build",
+    "build_product": "product",
+    "build_root": "product",
     "validate_bank": "bank",
 }
 

@@ -1,6 +1,6 @@
 """The optional approval step before publishing: what a person is asked, and what they answered.
 
-Each deployment DAG has an ``approve`` task (:class:`inspection_refresh.airflow_support.PublishApproval`)
+Each deployment DAG has an ``approve`` task (:class:`inspection_refresh.operators.PublishApproval`)
 between building and publishing. When the run requires approval it asks through Airflow's
 human-in-the-loop step (the task's "Required actions" in the UI); otherwise it passes at once.
 Either way it records the run's ``approve`` stage here, beside the other stage records:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 from inspection_refresh.files import write_json_atomic
 from inspection_refresh.registry import DeploymentRegistry
-
+from inspection_refresh.runstore import safe_run_id
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +29,6 @@ def recorded_outcome(registry: DeploymentRegistry, dag_id: str, run_id: str) -> 
         log.info("%s run %s already recorded deployment #%s as %s and its work files are gone: "
                  "leaving the record as it is", dag_id, run_id, recorded["deploy_id"], recorded["status"])
     return recorded
-
-
-def safe_run_id(run_id: str) -> str:
-    """Airflow run ids contain ``:`` and ``+``; make one usable as a directory name."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:120]
-
-
-def run_work_dir(cache_root: Path, pipeline: str, run_id: str) -> Path:
-    """A per-run scratch directory for files passed between tasks (XCom carries only their paths)."""
-    path = Path(cache_root) / pipeline / "runs" / safe_run_id(run_id)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def prune_run_work_dirs(cache_root: Path, pipeline: str, older_than_days: float = 14) -> list[Path]:

@@ -19,13 +19,13 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from inspection_refresh.airflow_support import PermanentError
+from inspection_refresh import compose
 from inspection_refresh.config import Settings, get_settings
 from inspection_refresh.publish import Publisher, PublishError, check_name
-from inspection_refresh.registry import DeploymentRegistry
-from inspection_refresh.runstore import RunStore
+from inspection_refresh.runstore import RunStore, run_work_dir
+from inspection_refresh.runtime import PermanentError
 from inspection_refresh.tasks.clip_index import INDEX_TYPES
-from inspection_refresh.tasks.common import ROLLBACK_DAG_ID, recorded_outcome, run_work_dir
+from inspection_refresh.tasks.common import ROLLBACK_DAG_ID, recorded_outcome
 from inspection_refresh.tasks.stages import read_stages, record_stage
 
 log = logging.getLogger(__name__)
@@ -54,15 +54,15 @@ def resolve_artefact(label: str, settings: Settings) -> Artefact:
         name = label[len(CLIP_PREFIX):]
         if name not in INDEX_TYPES:
             raise PermanentError(f"unknown CLIP index {label!r}: use clip:normal or clip:defect")
-        publisher = settings.index_publisher()
+        publisher = compose.index_publisher(settings)
     else:
         try:
             name = check_name(label)
         except PublishError as exc:
             raise PermanentError(f"{exc}; the artefact is clip:normal, clip:defect or a product code") from None
-        publisher = settings.patchcore_publisher()
+        publisher = compose.patchcore_publisher(settings)
     if not publisher.versions(name):
-        known = [CLIP_PREFIX + n for n in settings.index_publisher().names()] + settings.patchcore_publisher().names()
+        known = [CLIP_PREFIX + n for n in compose.index_publisher(settings).names()] + compose.patchcore_publisher(settings).names()
         raise PermanentError(f"nothing of {label!r} is published under {publisher.releases}; "
                              f"artefacts with kept versions: {', '.join(known) or 'none'}")
     return Artefact(name, publisher)
@@ -88,7 +88,7 @@ class RollbackRun:
     @cached_property
     def store(self) -> RunStore:
         """Where ``rollback`` leaves its record for ``register`` (``INSPECTION_RUN_STORE``)."""
-        return RunStore.for_run(PIPELINE, self.run_id, self.settings)
+        return compose.run_store(PIPELINE, self.run_id, self.settings)
 
     @property
     def action(self) -> str:
@@ -142,7 +142,7 @@ def _message(run: RollbackRun, record: dict[str, Any]) -> tuple[str, str]:
 
 def register(run: RollbackRun) -> dict[str, Any]:
     """Write the run's ``rollback`` row in ``deployment_logs`` as completed or failed; return the outcome."""
-    registry = DeploymentRegistry(run.settings.db_conn_id)
+    registry = compose.deployment_registry(run.settings.db_conn_id)
     record = read_stages(run.store, [STAGE])[STAGE]
     if record["status"] == "not run":
         recorded = recorded_outcome(registry, run.dag_id, run.run_id)  # a cleared register of a completed run

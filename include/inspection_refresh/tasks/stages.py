@@ -31,8 +31,7 @@ class StageRecorder:
     def __init__(self, work_dir: Path | RunStore, stage: str) -> None:
         self.store = as_run_store(work_dir)
         self.name = f"stage-{stage}.json"
-        local_dir = self.store.local_dir
-        self.path = local_dir / self.name if local_dir is not None else None
+        self.path = self.store.local_path(self.name)
         """The record's file with a local store (``None`` in object storage)."""
         self.stage = stage
         self.facts: dict[str, Any] = {}

@@ -9,17 +9,10 @@ import numpy as np
 import pytest
 
 from inspection_refresh.clip import embed
+from inspection_refresh.clip.batched import _collate, _ResizeDataset
 from inspection_refresh.clip.cache import EmbeddingCache
-from inspection_refresh.clip.embed import (
-    CLIP_MEAN,
-    CLIP_STD,
-    _collate,
-    _ResizeDataset,
-    embed_files,
-    embed_image,
-    normalize_uint8,
-    preprocess_image,
-)
+from inspection_refresh.clip.embed import embed_files, embed_image
+from inspection_refresh.clip.preprocess import CLIP_MEAN, CLIP_STD, normalize_uint8, preprocess_image
 
 
 def torchvision_reference(path):

@@ -1,5 +1,5 @@
-"""What the DAG files share: default task arguments, run identity, error classification,
-closing a failed run's deployment record, and the approval step before publishing.
+"""What the DAG files share: default task arguments, routing, the DAG failure callback, and the
+approval step before publishing (Airflow's HITL ``ApprovalOperator``).
 
 Imported at DAG parse time, so it stays light (no torch, open_clip or faiss).
 """
@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 
-from inspection_refresh.publish import PublishError
-from inspection_refresh.storage import StorageError
+from inspection_refresh.config import Settings
+from inspection_refresh.runtime import close_open_deployment
+from inspection_refresh.tasks import approval
 
 log = logging.getLogger(__name__)
 
@@ -32,95 +32,44 @@ DEFAULT_ARGS: dict[str, Any] = {
 """Retries with exponential backoff; errors that a retry cannot fix fail at once (see below)."""
 
 
-class PermanentError(RuntimeError):
-    """Bad input or configuration: retrying will not help, the operator must act."""
+def deployment_dag_args() -> dict[str, Any]:
+    """The ``DAG(...)`` keywords every deployment DAG shares: no catch-up, one run at a time, retries
+    with backoff (:data:`DEFAULT_ARGS`), and a failure callback that closes the run's deployment record."""
+    return {"start_date": START_DATE, "catchup": False, "max_active_runs": 1,
+            "on_failure_callback": close_deployment_on_failure, "default_args": DEFAULT_ARGS}
 
 
-def is_permanent(exc: BaseException) -> bool:
-    """Errors a retry cannot fix: wrong bucket/credentials/prefix, unreadable data, bad params."""
-    if isinstance(exc, StorageError):
-        return not getattr(exc, "transient", False)
-    return isinstance(exc, (PermanentError, PublishError, ValueError, FileNotFoundError, PermissionError))
+def queue_args(settings: Settings, *, heavy: bool = False) -> dict[str, str]:
+    """An operator's routing keyword: ``{"queue": name}``, or ``{}`` for Airflow's default queue.
 
-
-@contextmanager
-def fail_permanent_errors() -> Iterator[None]:
-    """Turn permanent errors into ``AirflowFailException`` so Airflow does not retry them."""
-    try:
-        yield
-    except Exception as exc:
-        if is_permanent(exc):
-            raise _fail_exception()(f"{exc} (not retried: fix the input or configuration)") from exc
-        raise
-
-
-def fail_unless_completed(outcome: dict[str, Any]) -> dict[str, Any]:
-    """A ``register`` task's outcome; a deployment that did not complete fails the task with its message."""
-    if outcome["status"] != "completed":
-        raise _fail_exception()(outcome["message"])
-    return outcome
-
-
-def _fail_exception() -> type[Exception]:
-    try:
-        from airflow.sdk.exceptions import AirflowFailException
-    except ImportError:  # older Task SDKs
-        from airflow.exceptions import AirflowFailException
-    return AirflowFailException
-
-
-def run_identity(context: Any) -> tuple[str, bool, str]:
-    """(run id, whether the scheduler started it, who deployed it) from a task context."""
-    dag_run = context["dag_run"]
-    run_type = str(getattr(dag_run, "run_type", "") or "")
-    scheduled = run_type.lower().endswith("scheduled")
-    user = getattr(dag_run, "triggering_user_name", None)
-    deployed_by = "airflow-scheduler" if scheduled else f"airflow:{user}" if user else "airflow"
-    return context["run_id"], scheduled, deployed_by[:50]
-
-
-def finished_run_state(dag_id: str, run_id: str) -> str | None:
-    """Airflow's final state of a DAG run (``success`` or ``failed``), asked through the Task SDK.
-
-    None while the run is queued or running, when Airflow does not know it (deleted, or
-    written by another Airflow sharing the database) and outside a task (nobody to ask):
-    the caller then leaves that run's deployment record alone rather than guess.
+    :param heavy: the task is compute-heavy (CLIP ``embed``, PatchCore ``build``): ``heavy_queue``
+        first, then ``default_queue``.
     """
-    from airflow.sdk.execution_time.task_runner import RuntimeTaskInstance
-
-    try:
-        state = RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id)
-    except Exception as exc:  # not found, no supervisor (outside a task), API unreachable
-        log.warning("Cannot tell whether %s run %s has ended (%s: %s); leaving its deployment record open",
-                    dag_id, run_id, type(exc).__name__, exc)
-        return None
-    state = str(getattr(state, "value", state))
-    return state if state in ("success", "failed") else None
+    queue = (settings.heavy_queue if heavy else None) or settings.default_queue
+    return {"queue": queue} if queue else {}
 
 
-def refuse_publishing_if_run_ended(dag_id: str, run_id: str, what: str) -> None:
-    """Raise :class:`PublishError` if this task's run has already ended: an operator marked it
-    failed or success in the UI or REST API while the task ran.
+def executor_args(settings: Settings, *, heavy: bool = False) -> dict:
+    """An operator's ``executor_config`` keyword for the KubernetesExecutor: for a heavy task, when
+    ``heavy_pod_gpus`` is set, a ``pod_override`` whose ``base`` container requests that many
+    ``nvidia.com/gpu``; else ``{}``.
 
-    Airflow stops such a task only at its next heartbeat (``[workers] min_heartbeat_interval``,
-    5 s), and a Python task ignores the SIGTERM until the SIGKILL 5 s later, so without this a task
-    could publish ``what`` after its run's deployment record was closed as failed. Ask right
-    before the atomic publish. Outside a running task, or if Airflow cannot be asked, it does nothing.
+    The pod is a ``kubernetes.client`` ``V1Pod`` (the only form Airflow's Kubernetes provider takes),
+    built here, lazily: without the setting the kubernetes client is never imported.
     """
-    from airflow.sdk.execution_time import task_runner
-
-    if getattr(task_runner, "SUPERVISOR_COMMS", None) is None:
-        return  # library, CLI or test use: no Airflow run to end
+    if not heavy or not settings.heavy_pod_gpus:
+        return {}
     try:
-        state = task_runner.RuntimeTaskInstance.get_dagrun_state(dag_id=dag_id, run_id=run_id)
-    except Exception as exc:
-        log.warning("Cannot ask Airflow whether %s run %s is still running (%s: %s); publishing %s",
-                    dag_id, run_id, type(exc).__name__, exc, what)
-        return
-    state = str(getattr(state, "value", state))
-    if state in ("success", "failed"):
-        raise PublishError(f"Airflow run {run_id} was marked {state} while it ran: {what} is not published, "
-                           "the live version stays")
+        from kubernetes.client import models as k8s
+    except ImportError as exc:
+        raise RuntimeError(
+            "INSPECTION_HEAVY_POD_GPUS is set, but the kubernetes client is not installed: install "
+            "apache-airflow-providers-cncf-kubernetes (the KubernetesExecutor needs it anyway) or unset it"
+        ) from exc
+    gpus = str(settings.heavy_pod_gpus)
+    container = k8s.V1Container(name="base", resources=k8s.V1ResourceRequirements(
+        requests={"nvidia.com/gpu": gpus}, limits={"nvidia.com/gpu": gpus}))
+    return {"executor_config": {"pod_override": k8s.V1Pod(spec=k8s.V1PodSpec(containers=[container]))}}
 
 
 def _failure_reason(context: Mapping[str, Any]) -> str:
@@ -145,27 +94,6 @@ def close_deployment_on_failure(context: Mapping[str, Any]) -> None:
     """
     close_open_deployment(context["dag"].dag_id, context["run_id"],
                           f"failed before recording its outcome: {_failure_reason(context)}")
-
-
-def close_open_deployment(dag_id: str, run_id: str, what_happened: str) -> bool:
-    """Close a run's ``deployment_logs`` row as failed if it is still open; True if it was.
-
-    ``what_happened`` completes the sentence "Airflow run <run_id> ...". Never raises: with the
-    database down the error is logged and the DAG's next run closes the row.
-    """
-    from inspection_refresh.registry import DeploymentRegistry, RegistryError
-
-    message = (f"Airflow run {run_id} {what_happened}. "
-               "What it published before that, if anything, is in its task logs.")
-    try:
-        closed = DeploymentRegistry().close_if_open(dag_id, run_id, message)
-    except RegistryError as exc:
-        log.error("Could not close the deployment record of %s run %s (%s); the DAG's next run closes it",
-                  dag_id, run_id, exc)
-        return False
-    if closed:
-        log.warning("Deployment record of %s run %s closed as failed: %s", dag_id, run_id, message)
-    return closed
 
 
 # ----------------------------------------------------------------------------- approval before publishing
@@ -236,8 +164,6 @@ class PublishApproval(ApprovalOperator):
         self.longest_wait = longest_wait
 
     def execute(self, context: Any) -> Any:
-        from inspection_refresh.tasks import approval
-
         run = self.current_run()
         if not approval_required(context["params"], run.scheduled, self.approve_scheduled):
             approval.record_decision(run.store, approval.APPROVED, required=False, decision="not required")
@@ -265,8 +191,6 @@ class PublishApproval(ApprovalOperator):
         return super().execute(context)  # writes the request, parks the task in awaiting_input
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
-        from inspection_refresh.tasks import approval
-
         work_dir = self.current_run().store  # the run's store: this may be another worker than execute's
         if "error" in event:
             if event.get("error_type") == "timeout":

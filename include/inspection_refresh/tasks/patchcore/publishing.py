@@ -1,0 +1,159 @@
+"""The PatchCore run's publishing side: what the approver sees (live bank against the built one) and
+``publish_product`` (validate the built bank, add ``ok/``, publish it atomically)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from inspection_refresh.files import copy_tree_linked
+from inspection_refresh.runstore import RunFileMissing, RunStore
+from inspection_refresh.runtime import refuse_publishing_if_run_ended
+from inspection_refresh.storage import SYNC_STATE_FILE
+from inspection_refresh.tasks import approval
+from inspection_refresh.tasks.common import read_json
+from inspection_refresh.tasks.patchcore.build import last_error_line, materialise, parse_build_summary, read_build_log
+from inspection_refresh.tasks.patchcore.run import BANK_DIR, PatchcoreRun, stage_record
+from inspection_refresh.tasks.stages import record_stage
+
+log = logging.getLogger(__package__)  # the pipeline's one logger, named as before it was split
+
+
+def publish_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any]:
+    """Validate the built bank against what was asked, add ``ok/``, publish it atomically.
+
+    The bank comes from the run store (:meth:`RunStore.fetch_dir`): the staging directory the build
+    wrote into (``local``), or a new one on this worker filled from the store (``storage``). A failed
+    publish discards it either way.
+    """
+    from inspection_refresh.patchcore.bank import validate_bank
+
+    code = product["product_code"]
+    store = run.product_store(code)
+    with record_stage(store, "publish") as stage:
+        prepared = store.read_json("stage-download.json")["facts"]
+        # Not approved: NothingToDo (the task is skipped); register discards the staged bank.
+        approval.require_approved(run.store, f"the bank of {code}")
+        with store.fetch_dir(BANK_DIR, prepared, lambda: run.publisher.stage(code),
+                             refill=lambda _: materialise(run, code, "ok"), discard=run.publisher.discard,
+                             keep_in_place=False) as staging:
+            facts = validate_bank(staging, run.expected_config())
+            copy_tree_linked(run.mirror_dir(code) / "ok", staging / "ok", ignore=shutil.ignore_patterns(SYNC_STATE_FILE))
+            refuse_publishing_if_run_ended(run.dag_id, run.run_id, f"the bank of {code}")
+            # A manual run replaces a rollback's pin; a scheduled one never publishes over it.
+            release = run.publisher.publish(code, staging, unpin=not run.scheduled)
+        summary = parse_build_summary(read_build_log(run, code)) or {}
+        stage.facts = {**summary, **facts, "version": release.version, "path": str(run.publisher.live_path(code))}
+        log.info("Product %s: bank version %s published at %s", code, release.version, stage.facts["path"])
+        return stage.facts
+
+
+def _bank_numbers(bank_dir: Path | RunStore) -> dict[str, Any] | None:
+    """Images, bank size, AUROC and tau of a live bank's directory, or of a built bank (a store over
+    it, :func:`_built_bank`), from its JSON files."""
+    from inspection_refresh.patchcore.bank import CONFIG_FILE, TAU_FILE
+
+    try:
+        if isinstance(bank_dir, RunStore):
+            config, tau = bank_dir.read_json(CONFIG_FILE), bank_dir.read_json(TAU_FILE)
+        else:
+            config, tau = read_json(bank_dir / CONFIG_FILE), read_json(bank_dir / TAU_FILE)
+    except (OSError, ValueError):  # RunFileMissing is an OSError
+        return None
+    images = config.get("num_images")
+    if images is None and isinstance(bank_dir, Path) and (bank_dir / "ok").is_dir():
+        images = sum(1 for p in (bank_dir / "ok").iterdir() if p.is_file())
+    return {"images": images, "bank_size": config.get("bank_size"), "feature_dim": config.get("feature_dim"),
+            "auroc": (config.get("calibration") or {}).get("auroc"), "tau": tau}
+
+
+def _awaiting_publish(run: PatchcoreRun, product: dict[str, Any]) -> tuple[str, str | None]:
+    """Where a product stands once its build ended: ``("built", None)`` with a bank staged,
+    ``("unchanged", version)``, or ``("failed", "<stage>: <reason>")``."""
+    code = product["product_code"]
+    record = stage_record(run, code, "download")
+    if record is None:
+        return "failed", "download: the prepare task did not run"
+    if record["status"] == "skipped":
+        return "unchanged", record["facts"].get("unchanged")
+    if record["status"] != "ok":
+        return "failed", f"download: {record['message']}"
+    log_text = read_build_log(run, code)
+    summary = parse_build_summary(log_text) or {}
+    if summary.get("status") == "completed" and _built_bank(run, code, record) is not None:
+        return "built", None
+    error = (summary.get("error") or last_error_line(log_text)) if log_text else "the build task did not finish"
+    return "failed", f"build: {error}"
+
+
+def _built_bank(run: PatchcoreRun, code: str, prepared: dict[str, Any]) -> RunStore | None:
+    """The product's built bank before publishing, to read its JSON files (:meth:`RunStore.find_dir`: its
+    staging directory with ``local``, the run store's folder with ``storage``); ``None`` when no complete
+    bank is there. ``prepared``: the product's download record."""
+    return run.product_store(code).find_dir(BANK_DIR, prepared["facts"], done="bank_config.json")
+
+
+def _change(before: dict[str, Any] | None, after: dict[str, Any] | None, key: str, digits: int) -> str:
+    """``live → new`` of one number of :func:`_bank_numbers` (``tau.image``: a key of ``tau``)."""
+    def value(numbers: dict[str, Any] | None) -> str:
+        found: Any = numbers or {}
+        for part in key.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        return "none" if found is None else f"{found:.{digits}f}" if isinstance(found, float) else str(found)
+    return f"{value(before)} → {value(after)}" if before else value(after)
+
+
+def approval_request(run: PatchcoreRun) -> approval.ApprovalRequest | None:
+    """What the approver sees before the products publish: per product to publish, images, bank
+    size, AUROC and tau of the live bank and of the new one; the products that failed (they keep
+    their bank whatever the answer), unchanged and pinned ones. ``None`` when no bank was built."""
+    try:
+        listed = run.store.read_json("products.json")
+    except RunFileMissing:
+        return None
+    built, unchanged, failed = {}, {}, {}
+    for product in listed["products"]:
+        code = product["product_code"]
+        state, detail = _awaiting_publish(run, product)
+        if state == "unchanged":
+            unchanged[code] = detail
+        elif state == "failed":
+            failed[code] = detail
+        else:
+            bank = _built_bank(run, code, stage_record(run, code, "download"))
+            live_version = run.publisher.current(code)
+            built[code] = {"live_version": live_version,
+                           "before": _bank_numbers(run.publisher.live_path(code)) if live_version else None,
+                           "after": _bank_numbers(bank)}
+    if not built:
+        return None
+    rows = [[code, numbers["live_version"] or "none",
+             *(_change(numbers["before"], numbers["after"], key, digits)
+               for key, digits in (("images", 0), ("bank_size", 0), ("auroc", 3), ("tau.image", 4), ("tau.pixel", 4)))]
+            for code, numbers in built.items()]
+    lines = [
+        f"**{run.dag_id}** would publish a new PatchCore bank for {len(built)} product(s): {', '.join(built)}. "
+        "Values are live → new (held-out AUROC; tau as in `tau.json`).",
+        "",
+        approval.markdown_table(["Product", "Live version", "Images", "Bank size", "AUROC", "tau image",
+                                 "tau pixel"], rows),
+    ]
+    if failed:
+        lines += ["", f"**Failed ({len(failed)})** — not published whatever the answer; each keeps its live bank:"]
+        lines += [f"- {code} at {detail}" for code, detail in failed.items()]
+    if unchanged:
+        lines += ["", "Unchanged (nothing to publish): " + ", ".join(f"{c} (version {v})" for c, v in unchanged.items())]
+    if listed.get("pinned"):
+        lines += ["", "Left out (pinned): " + ", ".join(listed["pinned"])]
+    if run.weights == "random":
+        lines += ["", "⚠ Built with RANDOM backbone weights (demo/test only)."]
+    lines += ["", "**Approve** publishes every bank in the table. **Reject** publishes none: each product keeps "
+                  "its live bank and the new banks are discarded."]
+    summary = {"products": built, "failed": failed, "unchanged": unchanged, "pinned": sorted(listed.get("pinned", {})),
+               "settings": {"coreset": run.coreset, "shorter": run.shorter, "stride": run.stride,
+                            "layers": list(run.layers), "weights": run.weights}}
+    subject = (f"Publish PatchCore banks of {', '.join(built)}"
+               + (f" ({len(failed)} other product(s) failed)" if failed else ""))
+    return approval.ApprovalRequest(subject=subject, body="\n".join(lines), summary=summary)
