@@ -48,8 +48,11 @@ Rebuilds the **{index_type}** similarity index of the defect-inspection service 
    removed, and the self-retrieval check of the new index. Reject (or no answer within the request's
    timeout: `INSPECTION_APPROVAL_TIMEOUT_MINUTES`, default 240, and never past 20 minutes before the
    run's 3 h `dagrun_timeout`) keeps the live index, discards the staged version and records the run as
-   failed ("rejected by <user>" / "approval timed out"). Off (the default): passes at once.
-5. **publish** — publishes the staged version atomically at `INSPECTION_INDEX_ROOT/{index_type}/`. The last
+   failed ("rejected by <user>" / "approval timed out"). Off (the default): passes at once. An approval names
+   the staged version and the sha256 of its files: a version rebuilt afterwards (index_save cleared) is refused
+   by publish ("not what was approved"; clear approve to ask again).
+5. **publish** — publishes the staged version atomically at `INSPECTION_INDEX_ROOT/{index_type}/`. If it fails,
+   the staged version is kept: clearing publish (and register) retries it without a rebuild. The last
    `INSPECTION_KEEP_VERSIONS` versions are kept; roll back with the `deployment_rollback` DAG (artefact
    `clip:{index_type}`). When the images and the model are those of the live index nothing is published:
    the run completes with "unchanged, version X stays live" (and nobody is asked to approve).

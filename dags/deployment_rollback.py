@@ -24,6 +24,10 @@ Makes a kept version of a published artefact live again and **pins** it, then re
   `inspection-publish list` prints it.
 - **unpin** — instead of rolling back, remove the pin: scheduled runs deploy the artefact again.
 
+With a release channel (`INSPECTION_PUBLISH_TARGETS` `channel` or `both`) "live" and "kept" mean the
+channel's `current.json` and versions, whichever host asks (the Deployments page of an API server
+without local roots too).
+
 1. **rollback** — one atomic symlink swap (the same code as `inspection-publish rollback`), then the pin
    file `<releases>/<name>/.pin.json` (version, who, when, run). Needs no database; never retried, so a
    `previous` is never applied twice.

@@ -60,7 +60,9 @@ Per product (the `product` group is mapped, one row per product code in the UI):
    at once.
 4. **publish** — validates the bank (the service's extraction and the requested weights recorded, shapes, finite values,
    sane tau, config as requested) and publishes it
-   atomically. A product whose build fails keeps its previous bank; the others still publish.
+   atomically. A product whose build fails keeps its previous bank; the others still publish. An approved bank
+   must be the one approved (sha256 of its files): one rebuilt afterwards is refused (clear approve to ask again).
+   A failed publish keeps the built bank: clearing publish (and register) retries it without a rebuild.
 
 **register** writes one `patchcore_create` row in `deployment_logs` with per-product results (and the
 approval's decision in `result_data.approval`), `completed` only if every product published or was unchanged. A product whose normal images and settings are those

@@ -95,7 +95,7 @@ class S3Server:
         try:
             yield
         finally:
-            self.set_faults(latency_ms=0, cut_body={}, slowdown_rate=0, cut_rate=0, always_fail=[])
+            self.set_faults(latency_ms=0, cut_body={}, slowdown_rate=0, cut_rate=0, always_fail=[], slow_upload={})
 
     def stop(self) -> None:
         self.process.terminate()

@@ -4,10 +4,12 @@ channel's current versions.
 It reads ``current.json``, downloads a new version into a staging directory, checks every file's
 size and sha256 against the manifest (and the manifest against the pointer), and swaps it in with
 the same atomic local :class:`~inspection_refresh.publish.Publisher`; anything missing or altered is
-refused and the node keeps its version. After a swap it runs the reload hooks (a URL to POST, a
-command). One pull at a time per releases directory (a file lock).
+refused and the node keeps its version. With ``--trusted-key`` it installs only versions whose manifest
+carries a valid signature of one of those keys (:mod:`inspection_refresh.signing`). After a swap it runs
+the reload hooks (a URL to POST, a command). One pull at a time per releases directory (a file lock).
 
-Needs boto3 and nothing of Airflow, torch or numpy (``pip install "inspection-refresh[agent]"``).
+Needs boto3 (and cryptography for ``--trusted-key``), nothing of Airflow, torch or numpy:
+``pip install "inspection-refresh[agent]"``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -30,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from inspection_refresh.channel import (
-    KINDS, MANIFEST_NAME, POINTER_NAME, ChannelError, ReleaseChannel, file_sha256, mb, parallel, parse_manifest,
-    verify_directory,
-)
+from inspection_refresh.channel import ReleaseChannel, mb
+from inspection_refresh.channel_bucket import KINDS, POINTER_NAME, parallel
 from inspection_refresh.config import Settings, default_releases_dir, get_settings
 from inspection_refresh.files import link_or_copy
+from inspection_refresh.manifests import MANIFEST_NAME, ChannelError, file_sha256, parse_manifest, verify_directory
 from inspection_refresh.publish import Publisher, PublishError, check_name
+from inspection_refresh.signing import INSTALL_HINT, SignatureError, TrustedKeys
 from inspection_refresh.storage import Boto3Source, ObjectStorage, StorageError, UnsafeKeyError, local_path_for_key
 
 log = logging.getLogger(__name__)
@@ -56,29 +59,37 @@ class Change:
     files: int
     size: int
     downloaded: int
+    signed_by: str | None = None
+    """The trusted key that signed the version (``None``: the node checks no signatures)."""
 
     def line(self, reload: str | None) -> str:
         fetched = ("" if self.downloaded == self.size else " (nothing downloaded)" if not self.downloaded
                    else f" ({mb(self.downloaded)} downloaded)")
+        signed = f", signed by key {self.signed_by}" if self.signed_by else ""
         return (f"{self.label}: {self.old or 'none'} -> {self.new}, {self.files} files, {mb(self.size)}{fetched}, "
-                f"verified" + (f", {reload}" if reload else ""))
+                f"verified{signed}" + (f", {reload}" if reload else ""))
 
 
 class NodeAgent:
     """Keeps a serving host's roots at the channel's current versions (``inspection-publish pull``).
 
     :param channels: one :class:`ReleaseChannel` per kind (``clip``, ``patchcore``).
-    :param publishers: the node's local :class:`Publisher` per kind (its roots, ``keep``).
+    :param publishers: the node's local :class:`Publisher` per kind (its roots, ``keep``); set to keep no
+        pins (``pins=False``): a pin left on the node neither blocks nor changes what it installs.
     :param reload_url: POSTed (JSON ``{"artefacts": [...]}``) after a pull swapped something.
     :param reload_command: run without a shell after a pull swapped something, with
         ``INSPECTION_PULLED`` = the artefacts swapped (space-separated).
+    :param trusted_keys: when not empty, only versions signed by one of these keys are installed.
     """
 
     def __init__(self, channels: dict[str, ReleaseChannel], publishers: dict[str, Publisher], *,
                  reload_url: str | None = None, reload_command: str | None = None,
-                 reload_timeout: float = 60.0) -> None:
+                 reload_timeout: float = 60.0, trusted_keys: TrustedKeys | None = None) -> None:
         self.channels = channels
         self.publishers = publishers
+        for publisher in publishers.values():  # a serving host follows current.json only: no pin read or left
+            publisher.pins = False
+        self.trusted_keys = trusted_keys or TrustedKeys()
         self.reload_url = reload_url
         self.reload_command = shlex.split(reload_command) if reload_command else None
         self.reload_timeout = reload_timeout
@@ -155,18 +166,19 @@ class NodeAgent:
             raise ChannelError(f"refused version {version}: {channel.url(key)} has sha256 {digest}, but "
                                f"{POINTER_NAME} says {pointer['manifest_sha256']} (altered after publishing)")
         manifest = parse_manifest(data, channel.url(key))
+        signed_by = channel.verify_signature(name, version, data, self.trusted_keys) if self.trusted_keys else None
         self._warn_about_paths(channel.kind, name, version, manifest, publisher)
         kept = publisher.releases / name / version
         if version in publisher.versions(name):  # e.g. the channel rolled back: no download needed
             problems = verify_directory(kept, manifest, lambda rel: f"{kept / rel}")
             if not problems:
                 publisher.rollback(name, version)
-                return Change(label, live, version, manifest["count"], manifest["bytes"], 0)
+                return Change(label, live, version, manifest["count"], manifest["bytes"], 0, signed_by)
             log.warning("%s: the kept copy of version %s is damaged (%s); downloading it again", label, version,
                         problems[0])
             shutil.rmtree(kept)
         downloaded = self._install(channel, publisher, name, version, manifest, data)
-        return Change(label, live, version, manifest["count"], manifest["bytes"], downloaded)
+        return Change(label, live, version, manifest["count"], manifest["bytes"], downloaded, signed_by)
 
     def _install(self, channel: ReleaseChannel, publisher: Publisher, name: str, version: str,
                  manifest: dict[str, Any], manifest_data: bytes) -> int:
@@ -318,20 +330,45 @@ def main(argv: list[str] | None = None, *, connection_storage: ConnectionStorage
                                           "else AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)")
     parser.add_argument("--conn-id", help="use this Airflow connection instead (hosts that run Airflow)")
     parser.add_argument("--transfers", type=int, default=4, help="downloads at once")
+    parser.add_argument("--trusted-key", action="append", default=[], type=Path, metavar="PATH",
+                        help="PEM Ed25519 public key ('inspection-publish keygen'); repeat for a key rotation. "
+                             "Given: only versions signed by one of these keys are installed")
     args = parser.parse_args(argv)
+    missing = _missing_packages(args)
+    if missing:  # one line, no traceback: what a serving host lacks and how to get it
+        print(f"inspection-publish pull needs {' and '.join(missing)}: {INSTALL_HINT}", file=sys.stderr)
+        return 2
+    try:
+        trusted = TrustedKeys.from_files(args.trusted_key)
+    except SignatureError as exc:
+        print(f"error: --trusted-key: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     quiet = [logging.getLogger(name) for name in ("inspection_refresh.publish", "botocore.credentials")]
     levels = [logger.level for logger in quiet]
     for logger in quiet:  # one line per change: ours
         logger.setLevel(logging.WARNING)
     try:
-        return _run_agent(args, settings, connection_storage)
+        return _run_agent(args, settings, connection_storage, trusted)
     finally:
         for logger, level in zip(quiet, levels):
             logger.setLevel(level)
 
 
-def _run_agent(args: argparse.Namespace, settings: Settings, connection_storage: ConnectionStorage | None) -> int:
+def _missing_packages(args: argparse.Namespace) -> list[str]:
+    """What this pull needs and the host lacks: boto3 (unless ``--conn-id``), cryptography (``--trusted-key``)."""
+    needed = (["boto3"] if not args.conn_id else []) + (["cryptography"] if args.trusted_key else [])
+    missing = []
+    for name in needed:
+        try:  # imported, not only found: boto3 without botocore is as unusable as none
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def _run_agent(args: argparse.Namespace, settings: Settings, connection_storage: ConnectionStorage | None,
+               trusted: TrustedKeys) -> int:
     if args.conn_id:
         if connection_storage is None:
             print("error: --conn-id needs Airflow: run 'inspection-publish pull' on a host with Airflow installed",
@@ -355,7 +392,7 @@ def _run_agent(args: argparse.Namespace, settings: Settings, connection_storage:
         return 2
     agent = NodeAgent({kind: ReleaseChannel(storage, kind, args.channel_prefix) for kind in KINDS}, publishers,
                       reload_url=args.reload_url, reload_command=args.reload_command,
-                      reload_timeout=args.reload_timeout)
+                      reload_timeout=args.reload_timeout, trusted_keys=trusted)
     if not args.watch:
         return agent.pull_once(args.artefact)
     stop = threading.Event()

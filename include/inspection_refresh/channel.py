@@ -1,15 +1,10 @@
-"""The release channel in object storage: the bucket protocol and its manifests.
+"""The release channel in object storage: versions published into it, signed, made current, pruned.
 
 Publishing with ``INSPECTION_PUBLISH_TARGETS`` = ``channel`` or ``both`` also puts every
 version into the bucket, so serving hosts that do not run Airflow install the same
-bytes. Layout under the channel prefix (default ``deployments/``)::
-
-    <prefix><kind>/<name>/<version>/<file>                   every file of the version
-    <prefix><kind>/<name>/<version>/.release-manifest.json   sha256 + size of every file; uploaded last
-    <prefix><kind>/<name>/current.json                       the live version and its manifest's sha256
-    <prefix><kind>/<name>/pin.json                           the pin of a rollback (as .pin.json locally)
-
-``kind`` is ``clip`` (``name`` = ``normal``, ``defect``) or ``patchcore`` (``name`` = product code).
+bytes. The layout in the bucket (``<prefix><kind>/<name>/<version>/...``, ``current.json``,
+``pin.json``) and the reading and writing of single objects are :mod:`inspection_refresh.channel_bucket`;
+the manifest format is :mod:`inspection_refresh.manifests`.
 
 A version's objects never change once its manifest is there, and ``current.json`` is
 written only after the manifest, so a reader that starts from ``current.json`` finds the
@@ -17,9 +12,10 @@ whole version it names: the old one or the new one, never a mix. A version prefi
 a manifest is an unfinished upload that nothing points to.
 
 :class:`ReleaseChannel` is what :class:`~inspection_refresh.publish.Publisher` calls when
-it has a channel (publish, rollback, pin, unpin). Serving hosts install from it with the
+it has a channel (publish, rollback, pin, unpin, prune); the publisher holds the artefact's
+lock around every write of ``current.json``, ``pin.json`` and every prune. Serving hosts install from it with the
 node agent (:mod:`inspection_refresh.agent`, ``inspection-publish pull``), which checks
-every file against the manifest (:func:`verify_directory`).
+every file against the manifest (:func:`~inspection_refresh.manifests.verify_directory`).
 """
 
 from __future__ import annotations
@@ -31,37 +27,26 @@ import os
 import re
 import socket
 import time
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from inspection_refresh.publish import PublishError, check_name, cli_user
-from inspection_refresh.storage import ObjectStorage, StorageError, error_code, is_transient
+from inspection_refresh.channel_bucket import POINTER_NAME, ChannelBucket, parallel
+from inspection_refresh.manifests import (
+    MANIFEST_NAME, SIGNATURE_NAME, ChannelError, file_sha256, json_bytes, parse_manifest, verify_directory,
+)
+from inspection_refresh.publish import cli_user
+from inspection_refresh.signing import ManifestSigner, SignatureError, TrustedKeys, signature_key_id
+from inspection_refresh.storage import (
+    ObjectStorage, StorageError, is_safe_relative_key, is_transient, local_path_for_key,
+)
 
 log = logging.getLogger(__name__)
 
-KINDS = ("clip", "patchcore")
-MANIFEST_NAME = ".release-manifest.json"
-"""In each version prefix (last object uploaded), and in each version directory a node installed."""
-POINTER_NAME = "current.json"
-PIN_NAME = "pin.json"
 FORMAT = 1
 INCOMPLETE_GRACE = timedelta(hours=24)
 """A version prefix without a manifest this much older than its version id is a dead upload: pruned."""
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _VERSION_TIME = re.compile(r"^(\d{8}T\d{6})(\d{6})Z")
-_MISSING = ("NoSuchKey", "404", "NotFound")
-
-
-class ChannelError(PublishError):
-    """The channel refuses an operation, or holds something a node must not install."""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def _now() -> str:
@@ -82,192 +67,28 @@ def mb(size: int) -> str:
     return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB"
 
 
-def parallel(function: Callable[[Any], Any], items: Iterable[Any], workers: int) -> list[tuple[Any, Any, BaseException | None]]:
-    """``(item, result, error)`` of ``function(item)`` for each item, on ``workers`` threads.
-
-    An exception in the calling thread (a task timeout, Ctrl-C) drops the queued calls
-    instead of waiting for them.
-    """
-    pool = ThreadPoolExecutor(max(1, workers), thread_name_prefix="channel")
-    outcomes = []
-    try:
-        futures = {pool.submit(function, item): item for item in items}
-        for future in as_completed(futures):
-            try:
-                outcomes.append((futures[future], future.result(), None))
-            except Exception as exc:
-                outcomes.append((futures[future], None, exc))
-    except BaseException:
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
-    pool.shutdown()
-    return outcomes
-
-
-class ReleaseChannel:
+class ReleaseChannel(ChannelBucket):
     """Versions of one kind of artefact in a bucket: upload, ``current.json``, pins, pruning.
 
     :param storage: the bucket (through an Airflow connection, or boto3's credential chain on a serving host).
     :param kind: ``clip`` or ``patchcore``.
     :param prefix: where the channel lives in the bucket (``deployments/``).
     :param keep: complete versions kept per name; never the current or the pinned one.
+    :param signer: signs every manifest this channel writes (``INSPECTION_SIGNING_CONN_ID``); ``None``: unsigned.
     """
 
-    def __init__(self, storage: ObjectStorage, kind: str, prefix: str = "deployments/", keep: int = 5) -> None:
-        if kind not in KINDS:
-            raise ValueError(f"channel kind must be one of {KINDS}, not {kind!r}")
-        self.storage = storage
-        self.kind = kind
-        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    def __init__(self, storage: ObjectStorage, kind: str, prefix: str = "deployments/", keep: int = 5, *,
+                 signer: ManifestSigner | None = None) -> None:
+        super().__init__(storage, kind, prefix)
         self.keep = max(1, keep)
-
-    # -- keys -----------------------------------------------------------------------
-    def name_prefix(self, name: str) -> str:
-        return f"{self.prefix}{self.kind}/{check_name(name)}/"
-
-    def version_prefix(self, name: str, version: str) -> str:
-        return f"{self.name_prefix(name)}{check_name(version)}/"
-
-    def manifest_key(self, name: str, version: str) -> str:
-        return self.version_prefix(name, version) + MANIFEST_NAME
-
-    def url(self, key: str) -> str:
-        return f"s3://{self.storage.bucket}/{key}"
-
-    def label(self, name: str) -> str:
-        """How operators name the artefact: ``clip:normal``, or the product code."""
-        return f"clip:{name}" if self.kind == "clip" else name
-
-    # -- small objects --------------------------------------------------------------
-    def read(self, key: str) -> bytes | None:
-        """The object's bytes, or ``None`` if there is no such object."""
-        try:
-            response = self.storage.client.get_object(Bucket=self.storage.bucket, Key=key)
-            body = response["Body"]
-            try:
-                return body.read()
-            finally:
-                body.close()
-        except Exception as exc:
-            if error_code(exc) in _MISSING:
-                return None
-            raise self.storage.explain(exc, "reading", key) from exc
-
-    def _read_json(self, key: str) -> dict[str, Any] | None:
-        data = self.read(key)
-        if data is None:
-            return None
-        try:
-            document = json.loads(data)
-            if not isinstance(document, dict):
-                raise ValueError(f"a JSON {type(document).__name__}, not an object")
-        except ValueError as exc:
-            raise ChannelError(f"{self.url(key)} is not valid JSON ({exc})") from exc
-        return document
-
-    def _write_json(self, key: str, document: dict[str, Any]) -> bytes:
-        data = (json.dumps(document, indent=2, default=str) + "\n").encode()
-        try:
-            self.storage.client.put_object(Bucket=self.storage.bucket, Key=key, Body=data,
-                                           ContentType="application/json")
-        except Exception as exc:
-            raise self.storage.explain(exc, "writing", key) from exc
-        return data
-
-    def _delete(self, key: str) -> None:
-        self.storage.delete_file(key)
-
-    def _head(self, key: str) -> dict[str, Any] | None:
-        try:
-            return self.storage.client.head_object(Bucket=self.storage.bucket, Key=key)
-        except Exception as exc:
-            if error_code(exc) in _MISSING:
-                return None
-            raise self.storage.explain(exc, "checking", key) from exc
-
-    def _subprefixes(self, prefix: str) -> list[str]:
-        """The next path segment of every key under ``prefix`` (ListObjects V1 with a delimiter)."""
-        found: list[str] = []
-        try:
-            paginator = self.storage.client.get_paginator("list_objects")
-            for page in paginator.paginate(Bucket=self.storage.bucket, Prefix=prefix, Delimiter="/"):
-                found += [p["Prefix"][len(prefix):].rstrip("/") for p in page.get("CommonPrefixes", [])]
-        except Exception as exc:
-            raise self.storage.explain(exc, f"listing prefix {prefix!r} in") from exc
-        return sorted(found)
-
-    # -- what is there --------------------------------------------------------------
-    def pointer(self, name: str) -> dict[str, Any] | None:
-        """``current.json`` of ``name`` (``version``, ``manifest_sha256``, ``published_at``, ...), or ``None``."""
-        pointer = self._read_json(self.name_prefix(name) + POINTER_NAME)
-        if pointer is not None and not (isinstance(pointer.get("version"), str)
-                                        and _SHA256.match(str(pointer.get("manifest_sha256")))):
-            raise ChannelError(f"{self.url(self.name_prefix(name) + POINTER_NAME)} lacks a version or "
-                               "a manifest_sha256")
-        return pointer
-
-    def manifest(self, name: str, version: str) -> tuple[bytes, dict[str, Any]] | None:
-        """The manifest's bytes and content, or ``None`` when the version has none (not complete)."""
-        key = self.manifest_key(name, version)
-        data = self.read(key)
-        if data is None:
-            return None
-        return data, parse_manifest(data, self.url(key))
-
-    def names(self) -> list[str]:
-        """Names of this kind with a ``current.json``."""
-        base = f"{self.prefix}{self.kind}/"
-        return [name for name in self._subprefixes(base)
-                if self._head(f"{base}{name}/{POINTER_NAME}") is not None]
-
-    def versions(self, name: str) -> list[str]:
-        """Complete versions of ``name`` (with a manifest), oldest first."""
-        return self._scan(name)[0]
-
-    def _scan(self, name: str) -> tuple[list[str], list[str]]:
-        complete, incomplete = [], []
-        for version in self._subprefixes(self.name_prefix(name)):
-            exists = self._head(self.manifest_key(name, version)) is not None
-            (complete if exists else incomplete).append(version)
-        return complete, incomplete
-
-    # -- pins -----------------------------------------------------------------------
-    def read_pin(self, name: str) -> dict[str, Any] | None:
-        return self._read_json(self.name_prefix(name) + PIN_NAME)
-
-    def write_pin(self, name: str, pin: dict[str, Any]) -> None:
-        self._write_json(self.name_prefix(name) + PIN_NAME, pin)
-
-    def remove_pin(self, name: str) -> dict[str, Any] | None:
-        """Remove the channel's pin of ``name``; returns it (``None`` if there was none)."""
-        try:
-            pin = self.read_pin(name)
-        except ChannelError as exc:
-            pin = {"version": None, "unreadable": str(exc)}
-        if pin is not None:
-            self._delete(self.name_prefix(name) + PIN_NAME)
-        return pin
+        self.signer = signer
 
     # -- publishing -----------------------------------------------------------------
-    def publish(self, name: str, version: str, directory: str | os.PathLike, *, installed_at: str | os.PathLike | None = None,
-                by: str | None = None, run_id: str | None = None) -> dict[str, Any]:
-        """Upload ``directory`` as ``version`` of ``name``, move ``current.json`` to it, prune; returns the pointer.
-
-        If moving the pointer fails, readers still see the old version; the uploaded one stays
-        (the write may have landed after all) and is pruned like any other.
-        """
-        manifest = self.upload_version(name, version, directory, installed_at=installed_at, by=by, run_id=run_id)
-        pointer = self._move_pointer(name, version, manifest, by=by, run_id=run_id, action="publish")
-        try:
-            self.prune(name)
-        except (PublishError, StorageError) as exc:  # the version is out; the next publish prunes again
-            log.warning("Could not prune old versions of %s from the channel: %s", self.label(name), exc)
-        return pointer
-
-    def make_current(self, name: str, version: str, directory: str | os.PathLike, *, by: str | None = None,
-                     run_id: str | None = None, action: str = "rollback") -> dict[str, Any]:
-        """Point ``current.json`` at ``version``; upload it from ``directory`` first if the channel lacks it
-        (a version published before the channel was switched on)."""
+    def ready_version(self, name: str, version: str, directory: str | os.PathLike, *, by: str | None = None,
+                      run_id: str | None = None) -> bytes:
+        """The manifest of ``version``, complete in the channel: uploaded from ``directory`` first if the channel
+        lacks it (a version published before the channel was switched on). A publisher calls this before it
+        takes the artefact's lock, and :meth:`move_pointer` under it."""
         found = self.manifest(name, version)
         if found is None:
             if not Path(directory).is_dir():
@@ -278,12 +99,35 @@ class ReleaseChannel:
             manifest = self.upload_version(name, version, directory, by=by, run_id=run_id)
         else:
             manifest = found[0]
-        return self._move_pointer(name, version, manifest, by=by, run_id=run_id, action=action)
+            self.ensure_signed(name, version, manifest, directory)
+        return manifest
+
+    def download_version(self, name: str, version: str, directory: str | os.PathLike) -> bytes:
+        """Download complete ``version`` into the empty ``directory`` and check every file against its manifest
+        (a rollback on a worker whose working copy lacks the version); returns the manifest, also written
+        into ``directory`` as the node agent does."""
+        found = self.manifest(name, version)
+        if found is None:
+            raise ChannelError(f"version {version} of {self.label(name)} is not in the channel: "
+                               f"{self.url(self.manifest_key(name, version))} does not exist")
+        data, manifest = found
+        prefix, directory = self.version_prefix(name, version), Path(directory)
+        outcomes = parallel(lambda rel: self.storage.download_file(
+            prefix + rel, local_path_for_key(prefix + rel, prefix, directory)), sorted(manifest["files"]),
+            self.storage.max_transfers)
+        problems = [f"{self.url(prefix + rel)}: {error}" for rel, _, error in outcomes if error is not None]
+        problems = problems or verify_directory(directory, manifest, lambda rel: self.url(prefix + rel))
+        if problems:
+            raise ChannelError(f"version {version} of {self.label(name)} could not be fetched from the channel: "
+                               f"{problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        (directory / MANIFEST_NAME).write_bytes(data)
+        return data
 
     def upload_version(self, name: str, version: str, directory: str | os.PathLike, *,
                        installed_at: str | os.PathLike | None = None, by: str | None = None,
                        run_id: str | None = None) -> bytes:
-        """Upload every file of ``directory`` under the version prefix, then its manifest; returns the manifest.
+        """Upload every file of ``directory`` under the version prefix, then its signature (with a
+        signer), then its manifest; returns the manifest.
 
         A file whose sha256 and size equal a file of the current version is copied inside
         the bucket instead of uploaded, when that object still has the ETag the current
@@ -296,6 +140,13 @@ class ReleaseChannel:
         files = {path.relative_to(directory).as_posix(): path
                  for path in sorted(directory.rglob("*")) if path.is_file()}
         files.pop(MANIFEST_NAME, None)  # a node's own record, not part of the artefact
+        files.pop(SIGNATURE_NAME, None)
+        unsafe = [rel for rel in files if not is_safe_relative_key(rel)]
+        if unsafe:  # the manifest would be refused by every reader: say so before uploading anything
+            raise ChannelError(f"{files[unsafe[0]]} cannot be published: its path {unsafe[0]!r} is not a safe "
+                               "relative path (no backslashes or empty segments); rename it")
+        if self.signer is not None:  # a key that cannot sign fails now, not after the upload
+            self._signature(name, version)
         entries = {rel: {"sha256": file_sha256(path), "size": path.stat().st_size} for rel, path in files.items()}
         reusable = self._reusable(name)
         prefix = self.version_prefix(name, version)
@@ -319,11 +170,81 @@ class ReleaseChannel:
                     "installed_at": str(installed_at or directory), "count": len(entries),
                     "bytes": sum(e["size"] for e in entries.values()),
                     "files": {rel: entries[rel] for rel in sorted(entries)}}
-        manifest = self._write_json(self.manifest_key(name, version), document)  # last: the version is complete
+        manifest = json_bytes(document)
+        if self.signer is not None:  # before the manifest: once the version is complete, it is signed
+            self._write_bytes(self.signature_key(name, version), self._signature(name, version, manifest)[1])
+        self._write_bytes(self.manifest_key(name, version), manifest)  # last: the version is complete
         log.info("Uploaded %s version %s to %s: %d files, %s (%d unchanged, copied in the bucket), %.1fs",
                  self.label(name), version, self.url(prefix), len(entries), mb(document["bytes"]), copied,
                  time.monotonic() - started)
         return manifest
+
+    # -- signatures -----------------------------------------------------------------
+    def _signature(self, name: str, version: str, manifest: bytes | None = None) -> tuple[str, bytes]:
+        """The signer's key id, and the signature document of ``manifest`` (``b""`` when none is given)."""
+        assert self.signer is not None
+        try:
+            return self.signer.key_id, self.signer.sign(manifest) if manifest is not None else b""
+        except SignatureError as exc:
+            raise ChannelError(f"cannot sign version {version} of {self.label(name)}: {exc}") from None
+
+    def ensure_signed(self, name: str, version: str, manifest: bytes, directory: str | os.PathLike) -> None:
+        """With a signer: give ``version`` this signer's signature before a pointer names it again (a version
+        uploaded before signing was switched on, or signed with a key rotated away since).
+
+        Only if the copy kept at ``directory`` was published from this host (not downloaded from the channel)
+        and matches the manifest file for file: the signature vouches for what this system published, never for
+        whatever the bucket holds now. Otherwise an unsigned version is refused, and one signed with an
+        earlier key keeps that signature (with a warning).
+        """
+        if self.signer is None:
+            return
+        key = self.signature_key(name, version)
+        found = self.read(key)
+        kid = self._signature(name, version)[0]
+        if found is not None and signature_key_id(found) == kid:
+            if self.signer.signed(manifest, found):
+                return
+            found = None  # this key's signature, but of other bytes: the manifest changed since, as if unsigned
+        where = self.url(self.manifest_key(name, version))
+        directory = Path(directory)
+        if not directory.is_dir():
+            problems = [f"{directory} does not exist"]
+        elif (directory / MANIFEST_NAME).exists():  # fetched from the channel: it can only repeat the bucket
+            problems = [f"{directory} was downloaded from the channel, not published from this host"]
+        else:
+            problems = verify_directory(directory, parse_manifest(manifest, where), lambda rel: str(directory / rel))
+        if problems and found is not None:  # signed by an earlier key: nodes that still trust it accept it
+            log.warning("%s: version %s stays signed with key %s, not the current key %s: the copy kept on this host "
+                        "cannot vouch for %s (%s); nodes that no longer trust key %s refuse it", self.label(name),
+                        version, signature_key_id(found), kid, where, problems[0], signature_key_id(found))
+            return
+        if problems:
+            raise ChannelError(f"version {version} of {self.label(name)} has no valid signature, and the copy kept "
+                               f"on this host cannot vouch for {where} ({problems[0]}); serving hosts that verify "
+                               "signatures would refuse it: publish a new version instead")
+        self._write_bytes(key, self._signature(name, version, manifest)[1])
+        log.info("%s: signed version %s with key %s (it was %s)", self.label(name), version, kid,
+                 f"signed with key {signature_key_id(found)}" if found is not None else "without a valid signature")
+
+    def verify_signature(self, name: str, version: str, manifest: bytes, trusted: TrustedKeys) -> str:
+        """The id of the trusted key that signed ``version``'s ``manifest``; otherwise :class:`ChannelError`
+        ("refused version ...": unsigned, an untrusted key, altered, or signed for another artefact or version)."""
+        key = self.signature_key(name, version)
+        signature = self.read(key)
+        if signature is None:
+            raise ChannelError(f"refused version {version}: it is unsigned ({self.url(key)} does not exist) and this "
+                               "node installs only versions signed by a trusted key (--trusted-key)")
+        try:
+            kid = trusted.verify(manifest, signature)
+        except SignatureError as exc:
+            raise ChannelError(f"refused version {version}: {exc} ({self.url(key)})") from None
+        document = json.loads(manifest)
+        signed_for = (document.get("kind"), document.get("name"), document.get("version"))
+        if signed_for != (self.kind, name, version):  # a signed manifest replayed under another name
+            raise ChannelError(f"refused version {version}: {self.url(self.manifest_key(name, version))} is signed "
+                               f"for {':'.join(map(str, signed_for))}, not {self.kind}:{name}:{version}")
+        return kid
 
     def _reusable(self, name: str) -> dict[tuple[str, int], tuple[str, str]]:
         """``(sha256, size) -> (key, etag)`` of the current version's objects, to copy instead of upload."""
@@ -361,8 +282,10 @@ class ReleaseChannel:
                                f"{entry['size']} from {path}", transient=True)
         return "uploaded", head["ETag"].strip('"')
 
-    def _move_pointer(self, name: str, version: str, manifest: bytes, *, by: str | None, run_id: str | None,
-                      action: str) -> dict[str, Any]:
+    def move_pointer(self, name: str, version: str, manifest: bytes, *, by: str | None = None,
+                     run_id: str | None = None, action: str = "publish") -> dict[str, Any]:
+        """Point ``current.json`` at the complete ``version`` whose manifest is ``manifest``; returns the pointer.
+        Unconditional: the caller holds the artefact's lock and has re-read the pointer and pin under it."""
         previous = None
         try:
             old = self.pointer(name)
@@ -383,11 +306,13 @@ class ReleaseChannel:
     # -- pruning --------------------------------------------------------------------
     def prune(self, name: str) -> list[str]:
         """Remove the oldest complete versions beyond ``keep`` that are older than the current one and not
-        pinned, and unfinished uploads older than :data:`INCOMPLETE_GRACE`; returns the versions removed."""
-        pointer = self.pointer(name)
-        live = pointer["version"] if pointer else None
-        pin = self.read_pin(name)
-        pinned = pin.get("version") if pin else None
+        pinned, and unfinished uploads older than :data:`INCOMPLETE_GRACE`; returns the versions removed.
+
+        A :class:`~inspection_refresh.publish.Publisher` prunes under the artefact's lock, so no rollback
+        moves the pointer meanwhile; the pointer and pin are re-read before each removal all the same (a
+        caller without the lock then loses at most the race of one removal, never a version chosen before).
+        """
+        live, pinned = self._pointed_and_pinned(name)
         complete, incomplete = self._scan(name)
         older = [v for v in complete if v < live] if live in complete else complete
         doomed = [v for v in older if v != pinned][: max(0, len(complete) - self.keep)]
@@ -397,59 +322,12 @@ class ReleaseChannel:
             if match and datetime.strptime(match.group(1) + match.group(2), "%Y%m%dT%H%M%S%f").replace(
                     tzinfo=timezone.utc) < cutoff:
                 doomed.append(version)
+        removed = []
         for version in doomed:
+            if version in self._pointed_and_pinned(name):  # rolled back to (or pinned) since the scan
+                continue
             self._remove_version(name, version)
+            removed.append(version)
             log.info("Pruned version %s of %s from the channel (keeping %d)", version, self.label(name), self.keep)
-        return doomed
+        return removed
 
-    def _remove_version(self, name: str, version: str, *, quiet: bool = False) -> None:
-        """Delete a version prefix, its manifest first: a half-deleted version is never complete."""
-        prefix = self.version_prefix(name, version)
-        try:
-            self._delete(prefix + MANIFEST_NAME)
-            keys = [o.key for o in self.storage.list_objects(prefix, include_folders=True)]
-            for _, _, error in parallel(self._delete, keys, self.storage.max_transfers):
-                if error is not None:
-                    raise error
-        except Exception as exc:
-            if not quiet:
-                raise
-            log.warning("Could not remove %s (%s); the next publish prunes it", self.url(prefix), exc)
-
-
-def parse_manifest(data: bytes, where: str) -> dict[str, Any]:
-    """A manifest's content, checked: every file has a safe relative path, a sha256 and a size."""
-    try:
-        manifest = json.loads(data)
-        files = manifest["files"]
-        if not isinstance(files, dict):
-            raise ValueError("'files' is not an object")
-        for rel, entry in files.items():
-            if not (isinstance(entry, dict) and _SHA256.match(str(entry.get("sha256")))
-                    and isinstance(entry.get("size"), int) and entry["size"] >= 0):
-                raise ValueError(f"entry {rel!r} lacks a sha256 or a size")
-            if rel == MANIFEST_NAME:
-                raise ValueError(f"lists {MANIFEST_NAME} itself")
-        manifest.setdefault("count", len(files))
-        manifest.setdefault("bytes", sum(e["size"] for e in files.values()))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ChannelError(f"{where} is not a valid release manifest ({exc})") from exc
-    return manifest
-
-
-def verify_directory(directory: Path, manifest: dict[str, Any], where: Callable[[str], str]) -> list[str]:
-    """Problems of ``directory`` against ``manifest`` (each file's size and sha256; no file more or less)."""
-    problems = []
-    for rel, entry in sorted(manifest["files"].items()):
-        path = directory / rel
-        if not path.is_file():
-            problems.append(f"{where(rel)} is missing")
-        elif path.stat().st_size != entry["size"]:
-            problems.append(f"{where(rel)} has {path.stat().st_size} bytes, the manifest says {entry['size']}")
-        elif file_sha256(path) != entry["sha256"]:
-            problems.append(f"{where(rel)} does not have the manifest's sha256 {entry['sha256']}")
-    for path in sorted(directory.rglob("*")):
-        rel = path.relative_to(directory).as_posix()
-        if path.is_file() and rel != MANIFEST_NAME and rel not in manifest["files"]:
-            problems.append(f"{where(rel)} is not in the manifest")
-    return problems

@@ -1,14 +1,15 @@
 """``inspection-publish``: list, roll back (and pin), unpin or push published versions; ``pull`` is the
-serving hosts' node agent (:mod:`inspection_refresh.agent`)::
+serving hosts' node agent (:mod:`inspection_refresh.agent`); ``keygen`` makes a release-signing key pair::
 
     inspection-publish list     --root /data/inspection/clip_index --name normal
     inspection-publish rollback --root /data/inspection/clip_index --name normal [--to VERSION]
     inspection-publish unpin    --root /data/inspection/clip_index --name normal
     inspection-publish push     --root /data/inspection/clip_index --name normal [--to VERSION]
     inspection-publish pull     [--artefact clip:normal ...] [--watch --interval 60]   (serving hosts)
+    inspection-publish keygen   --out DIR                                             (anywhere)
 
-Everything but ``pull`` runs where Airflow runs (the release channel comes from its connections);
-``pull`` imports nothing of Airflow unless ``--conn-id`` asks for an Airflow connection.
+Everything but ``pull`` and ``keygen`` runs where Airflow runs (the release channel comes from its
+connections); ``pull`` imports nothing of Airflow unless ``--conn-id`` asks for an Airflow connection.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 
 from inspection_refresh import compose
 from inspection_refresh.config import get_settings
 from inspection_refresh.publish import OLD_RELEASES_DIR, Publisher, PublishError, cli_user, describe_pin
+from inspection_refresh.registry import RegistryError
+from inspection_refresh.signing import SignatureError, write_key_pair
 from inspection_refresh.storage import ObjectStorage, StorageError
 
 log = logging.getLogger(__name__)
@@ -38,12 +42,39 @@ def _cli_publisher(root: str, releases: str | None, kind: str | None) -> Publish
     if kind is None:
         roots = {os.path.realpath(settings.index_root): "clip", os.path.realpath(settings.patchcore_root): "patchcore"}
         kind = roots.get(os.path.realpath(root))
-    channel = compose.release_channel(kind, settings) if kind else None
-    return Publisher(root, keep=settings.keep_versions, releases=releases, channel=channel)
+    if kind is None:
+        return Publisher(root, keep=settings.keep_versions, releases=releases)
+    return compose.publisher(kind, root, releases, settings)  # with the channel and the hosts' shared lock
+
+
+def keygen(argv: list[str]) -> int:
+    """``inspection-publish keygen --out DIR``: a new Ed25519 key pair to sign releases with."""
+    parser = argparse.ArgumentParser(
+        prog="inspection-publish keygen",
+        description="Make an Ed25519 key pair for signed releases: the private key goes into the Airflow "
+                    "connection INSPECTION_SIGNING_CONN_ID names, the public key onto each serving host "
+                    "(inspection-publish pull --trusted-key).")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="directory for release-signing.key (mode 0600) and release-signing.pub; "
+                             "existing keys are never overwritten")
+    args = parser.parse_args(argv)
+    try:
+        private, public, kid = write_key_pair(args.out)
+    except (SignatureError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"key {kid}\n"
+          f"  private: {private} (secret; put it into the signing connection, then delete the file):\n"
+          f"    airflow connections add release_signing --conn-type generic --conn-password \"$(cat {private})\"\n"
+          f"    and INSPECTION_SIGNING_CONN_ID=release_signing on every Airflow node\n"
+          f"  public:  {public} (copy onto each serving host: inspection-publish pull --trusted-key {public.name})")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["keygen"]:
+        return keygen(argv[1:])
     if argv[:1] == ["pull"]:  # the node agent has its own options
         from inspection_refresh import (
             agent,  # needs boto3 only: serving hosts have no Airflow
@@ -53,8 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="inspection-publish",
                                      description="List, roll back (and pin), unpin or push published versions; "
-                                                 "'inspection-publish pull --help': the serving hosts' agent.")
-    parser.add_argument("action", choices=["list", "rollback", "unpin", "push", "pull"],
+                                                 "'inspection-publish pull --help': the serving hosts' agent; "
+                                                 "'inspection-publish keygen --help': a release-signing key pair.")
+    parser.add_argument("action", choices=["list", "rollback", "unpin", "push", "pull", "keygen"],
                         help="rollback also pins the version: scheduled runs leave it alone until it is unpinned "
                              "or a manual run publishes a new version; push: make the live (or --to) version the "
                              "release channel's current one")
@@ -65,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kind", choices=["clip", "patchcore"],
                         help="release channel of the root (default: from INSPECTION_INDEX_ROOT / INSPECTION_PATCHCORE_ROOT)")
     args = parser.parse_args(argv)
-    if args.action == "pull":
-        parser.error("'pull' takes its own options and comes first: inspection-publish pull --help")
+    if args.action in ("pull", "keygen"):
+        parser.error(f"'{args.action}' takes its own options and comes first: inspection-publish {args.action} --help")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         publisher = _cli_publisher(args.root, args.releases, args.kind)
@@ -76,14 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.name}: live version is now {release.version}, pinned: scheduled runs leave it alone "
                   f"until a manual run publishes a new version or '{unpin_command}'")
         elif args.action == "push":
-            if publisher.channel is None:
-                raise PublishError("no release channel: set INSPECTION_PUBLISH_TARGETS to channel or both "
-                                   "(and --kind unless --root is a configured root)")
             version = args.to or publisher.current(args.name)
-            if version not in publisher.versions(args.name):
-                raise PublishError(f"{args.name}: version {version} is not kept under {publisher.releases}")
-            publisher.channel.make_current(args.name, version, publisher.releases / args.name / version,
-                                           by=cli_user(), action="push")
+            publisher.push(args.name, version or "", by=cli_user())
             print(f"{args.name}: the release channel's current version is now {version}")
         elif args.action == "unpin":
             pin = publisher.unpin(args.name)
@@ -103,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
             live = publisher.current(args.name)
             for version in publisher.versions(args.name):
                 print(f"{'*' if version == live else ' '} {version}")
-    except (PublishError, StorageError, ValueError) as exc:
+    except (PublishError, StorageError, RegistryError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -8,14 +8,17 @@ asks here for them.
 
 from __future__ import annotations
 
+import os
+from contextlib import AbstractContextManager
 from functools import cached_property
 from typing import Any
 
 from inspection_refresh.channel import ReleaseChannel
 from inspection_refresh.config import Settings, get_settings
-from inspection_refresh.publish import Publisher
+from inspection_refresh.publish import LockFactory, Publisher
 from inspection_refresh.registry import DeploymentRegistry
 from inspection_refresh.runstore import RunStore
+from inspection_refresh.signing import ManifestSigner, SignatureError
 from inspection_refresh.storage import ObjectStorage
 from inspection_refresh.storage.sources import Problem
 
@@ -82,21 +85,72 @@ def release_channel(kind: str, settings: Settings | None = None) -> ReleaseChann
         return None
     storage = object_storage(settings.channel_conn_id or settings.storage_conn_id, settings.channel_bucket,
                              settings=settings)
-    return ReleaseChannel(storage, kind, settings.channel_prefix, keep=settings.keep_versions)
+    return ReleaseChannel(storage, kind, settings.channel_prefix, keep=settings.keep_versions,
+                          signer=manifest_signer(settings))
+
+
+def manifest_signer(settings: Settings | None = None) -> ManifestSigner | None:
+    """What signs the channel's manifests: the Ed25519 private key (PEM) in the password of the Airflow
+    connection ``INSPECTION_SIGNING_CONN_ID``, read at the first signature; ``None`` when that is unset.
+
+    A connection, not a file: it comes from the metadata DB or the secrets backend every worker already
+    reads (encrypted there), so no key file has to be copied onto each worker.
+    """
+    conn_id = (settings or get_settings()).signing_conn_id
+    if not conn_id:
+        return None
+    source = f"Airflow connection {conn_id!r} (INSPECTION_SIGNING_CONN_ID)"
+
+    def private_key() -> str:
+        from airflow.sdk import BaseHook
+
+        try:
+            password = BaseHook.get_connection(conn_id).password
+        except Exception as exc:  # not found, secrets backend down: the message names no secret
+            raise SignatureError(f"cannot read {source}: {exc}") from None
+        if not password:
+            raise SignatureError(f"{source} has no password: put the PEM private key from "
+                                 "'inspection-publish keygen' there")
+        return password
+
+    return ManifestSigner(private_key, source)
+
+
+def publisher(kind: str, root: str | os.PathLike, releases: str | os.PathLike | None = None,
+              settings: Settings | None = None) -> Publisher:
+    """The Airflow side's :class:`Publisher` of ``root`` for ``kind`` (``clip``, ``patchcore``): with the
+    release channel of ``INSPECTION_PUBLISH_TARGETS`` and, with a channel, the deployment database's
+    artefact lock (:func:`artefact_lock`)."""
+    settings = settings or get_settings()
+    channel = release_channel(kind, settings)
+    return Publisher(root, keep=settings.keep_versions, releases=releases, channel=channel,
+                     lock=artefact_lock(channel, settings) if channel is not None else None)
+
+
+def artefact_lock(channel: ReleaseChannel, settings: Settings | None = None) -> LockFactory:
+    """The lock every Airflow host takes to change what is live of an artefact of ``channel``: a named lock
+    (``GET_LOCK``) of the deployment database (``INSPECTION_DB_CONN_ID``), which every Airflow host
+    already shares; named after the artefact's place in the bucket. Without a channel the publisher's own
+    file lock is enough: only one host publishes."""
+    registry = deployment_registry(settings=settings)
+
+    def lock(name: str) -> AbstractContextManager[None]:
+        return registry.named_lock(f"inspection-refresh {channel.url(channel.name_prefix(name))}",
+                                   purpose=f"{channel.label(name)} (publish, rollback, pin or prune)")
+
+    return lock
 
 
 def index_publisher(settings: Settings | None = None) -> Publisher:
     """Publishes the CLIP indexes (``normal``, ``defect``) under ``INSPECTION_INDEX_ROOT``."""
     settings = settings or get_settings()
-    return Publisher(settings.index_root, keep=settings.keep_versions, releases=settings.index_releases,
-                     channel=release_channel("clip", settings))
+    return publisher("clip", settings.index_root, settings.index_releases, settings)
 
 
 def patchcore_publisher(settings: Settings | None = None) -> Publisher:
     """Publishes the PatchCore banks (one name per product code) under ``INSPECTION_PATCHCORE_ROOT``."""
     settings = settings or get_settings()
-    return Publisher(settings.patchcore_root, keep=settings.keep_versions, releases=settings.patchcore_releases,
-                     channel=release_channel("patchcore", settings))
+    return publisher("patchcore", settings.patchcore_root, settings.patchcore_releases, settings)
 
 
 def deployment_registry(conn_id: str | None = None, settings: Settings | None = None) -> DeploymentRegistry:

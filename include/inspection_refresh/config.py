@@ -135,6 +135,9 @@ class Settings:
     """Airflow connection of the release channel; ``None``: ``storage_conn_id``."""
     channel_bucket: str | None = None
     """Bucket of the release channel; ``None``: the storage connection's bucket, else ``bucket``."""
+    signing_conn_id: str | None = None
+    """Airflow connection whose password holds the Ed25519 private key (PEM) that signs every release
+    manifest the channel writes (``INSPECTION_SIGNING_CONN_ID``); ``None`` (unset): manifests are unsigned."""
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -178,6 +181,7 @@ class Settings:
             channel_prefix=_env("CHANNEL_PREFIX", "deployments/"),
             channel_conn_id=_env_optional("CHANNEL_CONN_ID", None),
             channel_bucket=_env_optional("CHANNEL_BUCKET", None),
+            signing_conn_id=_env_optional("SIGNING_CONN_ID", None),
         )
 
 

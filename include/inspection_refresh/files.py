@@ -1,12 +1,14 @@
-"""Atomic file writes: a reader (or a crash) never sees a half-written file under its final name."""
+"""Atomic file writes: a reader (or a crash) never sees a half-written file under its final name; and
+the digest of a tree of files (what an approval names)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +57,35 @@ def link_or_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
 def copy_tree_linked(source: Path, target: Path, ignore: Callable | None = None) -> None:
     """Copy the directory ``source`` to ``target`` with :func:`link_or_copy` for each file."""
     shutil.copytree(source, target, copy_function=link_or_copy, ignore=ignore)
+
+
+def tree_paths(directory: str | os.PathLike, *, skip: Iterable[str] = ()) -> dict[str, Path]:
+    """Every file under ``directory`` by relative POSIX path, leaving out the top-level entries ``skip``;
+    symlinked directories are not followed."""
+    directory, skipped = Path(directory), set(skip)
+    files: dict[str, Path] = {}
+    for folder, sub_dirs, names in os.walk(directory):
+        if Path(folder) == directory:
+            sub_dirs[:] = [d for d in sub_dirs if d not in skipped]
+            names = [n for n in names if n not in skipped]
+        for name in names:
+            files[(Path(folder) / name).relative_to(directory).as_posix()] = Path(folder) / name
+    return files
+
+
+def tree_files(directory: str | os.PathLike, *, skip: Iterable[str] = ()) -> dict[str, tuple[int, str]]:
+    """Size and sha256 of every file of :func:`tree_paths`, by relative POSIX path."""
+    files = {}
+    for relative, path in tree_paths(directory, skip=skip).items():
+        with open(path, "rb") as handle:
+            files[relative] = (path.stat().st_size, hashlib.file_digest(handle, "sha256").hexdigest())
+    return files
+
+
+def tree_digest(files: Mapping[str, tuple[int, str]]) -> str:
+    """The sha256 of a sorted manifest of ``(path, size, sha256)`` lines: one name for exactly these files."""
+    digest = hashlib.sha256()
+    for relative in sorted(files):
+        size, sha256 = files[relative]
+        digest.update(f"{relative}\t{size}\t{sha256}\n".encode())
+    return digest.hexdigest()

@@ -143,7 +143,8 @@ class PublishApproval(ApprovalOperator):
     published, which needs no approval), and the task waits in Airflow's ``awaiting_input`` state
     until someone answers on the task's "Required actions" page (or the HITL REST API), or until the
     request times out (:func:`approval_wait`). The answer is recorded as the run's ``approve`` stage
-    (:mod:`inspection_refresh.tasks.approval`), which ``publish`` checks and ``register`` reports.
+    (:mod:`inspection_refresh.tasks.approval`), with the request's ``targets`` (each artefact's staged
+    version and the sha256 of its files), which ``publish`` checks and ``register`` reports.
     Approve: downstream runs. Reject: the task succeeds and skips its downstream ``publish``. No
     answer in time: the task fails (``HITLTimeoutError``), so ``publish`` does not run either.
 
@@ -182,8 +183,9 @@ class PublishApproval(ApprovalOperator):
         self.subject, self.body = request.subject, request.body
         self.response_timeout = approval_wait(context, self.longest_wait)
         asked_at = datetime.now(timezone.utc)
+        # What is approved is named now (version, sha256 of its files): publish refuses anything else.
         approval.record_decision(
-            run.store, approval.WAITING, "", required=True, summary=request.summary,
+            run.store, approval.WAITING, "", required=True, summary=request.summary, targets=request.targets,
             asked_at=asked_at.isoformat(), timeout=str(self.response_timeout),
             timeout_at=(asked_at + self.response_timeout).isoformat())
         self.log.info("Waiting up to %s for approval on this task's Required actions page%s:\n%s\n\n%s",

@@ -1,6 +1,6 @@
 """Taking over what older code left in a published root, without a moment where a name is missing.
 
-Two older layouts become :class:`~inspection_refresh.publish.Publisher`'s:
+Two older layouts become :class:`~inspection_refresh.releases_dir.ReleasesDir`'s:
 
 * versions kept inside the root, in ``root/.releases/<name>/<version>`` (where the service
   mistook ``.releases`` for a product): :func:`migrate_old_layout` moves them to the
@@ -11,8 +11,8 @@ Two older layouts become :class:`~inspection_refresh.publish.Publisher`'s:
   a symlink where a non-empty directory is.
 
 The Publisher calls these while it publishes, stages or rolls back. They work through the
-few Publisher methods that :class:`Versions` names (a protocol, not an import:
-:mod:`inspection_refresh.publish` imports this module).
+few methods of its releases directory that :class:`Versions` names (a protocol, not an import:
+:mod:`inspection_refresh.releases_dir` imports this module).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ OLD_RELEASES_DIR = ".releases"
 
 
 class Versions(Protocol):
-    """What the moves ask of a :class:`~inspection_refresh.publish.Publisher`: where a name's versions
+    """What the moves ask of a :class:`~inspection_refresh.releases_dir.ReleasesDir`: where a name's versions
     and live link are, and its two steps that never leave the live name missing."""
 
     root: Path

@@ -10,7 +10,8 @@ are closed by the DAG's failure callback (runs an operator marked failed: by the
 ``inspection_refresh.listeners``) or, failing that, by its next run.
 
 The connection comes from the caller (:func:`inspection_refresh.compose.deployment_registry`
-opens the Airflow MySQL connection ``deploy_db``), so this module needs no Airflow.
+opens the Airflow MySQL connection ``deploy_db``), so this module needs no Airflow; statements,
+connection errors and named locks are :class:`~inspection_refresh.database.Database`'s.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
-from contextlib import closing, contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import Any
+
+from inspection_refresh.database import Database, RegistryError
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +76,6 @@ CREATE TABLE IF NOT EXISTS products (
 """
 
 
-class RegistryError(RuntimeError):
-    """The deployment history could not be read or written."""
-
-
 @dataclass(frozen=True)
 class Product:
     product_id: int
@@ -111,15 +110,7 @@ def _mysql_error_code(exc: BaseException | None) -> int | None:
     return code if isinstance(code, int) else None
 
 
-class _Done(NamedTuple):
-    """What one statement returned."""
-
-    rows: list[dict[str, Any]]
-    lastrowid: int
-    rowcount: int
-
-
-class DeploymentRegistry:
+class DeploymentRegistry(Database):
     """Reads and writes the service's deployment history.
 
     :param connect: opens a new DB-API connection to the service's database (MySQLdb-like:
@@ -128,39 +119,8 @@ class DeploymentRegistry:
     """
 
     def __init__(self, connect: Callable[[], Any], conn_id: str) -> None:
-        self.connect = connect
-        self.conn_id = conn_id
+        super().__init__(connect, conn_id)
         self._table_checked = False
-
-    @contextmanager
-    def _connection(self) -> Iterator[Any]:
-        """One database connection; any failure on it becomes a :class:`RegistryError` naming the connection."""
-        try:
-            with closing(self.connect()) as conn:
-                yield conn
-        except RegistryError:
-            raise
-        except Exception as exc:
-            raise RegistryError(
-                f"database connection {self.conn_id!r}: {type(exc).__name__}: {exc}. "
-                "Check the connection's host, schema and credentials."
-            ) from exc
-
-    @staticmethod
-    def _run(conn: Any, sql: str, params: tuple = ()) -> _Done:
-        """Run one statement and commit, so the next one sees what other connections committed meanwhile."""
-        with closing(conn.cursor()) as cursor:
-            cursor.execute(sql, params)
-            columns = [c[0] for c in cursor.description] if cursor.description else []
-            rows = [dict(zip(columns, row)) for row in cursor.fetchall()] if columns else []
-            conn.commit()
-            return _Done(rows, int(cursor.lastrowid or 0), int(cursor.rowcount))
-
-    def _execute(self, sql: str, params: tuple = (), *, fetch: bool = False) -> Any:
-        """One statement on its own connection: its rows if ``fetch``, else the inserted id."""
-        with self._connection() as conn:
-            done = self._run(conn, sql, params)
-        return done.rows if fetch else done.lastrowid
 
     @contextmanager
     def _run_lock(self, dag_id: str, run_id: str) -> Iterator[Any]:
@@ -172,16 +132,10 @@ class DeploymentRegistry:
         """
         # Lock names are limited to 64 characters; run ids alone can be longer.
         name = "deployment_logs:" + hashlib.sha1(f"{dag_id}\n{run_id}".encode()).hexdigest()
-        with self._connection() as conn:
-            granted = self._run(conn, "SELECT GET_LOCK(%s, %s) AS granted", (name, LOCK_WAIT_SECONDS)).rows[0]
-            if granted["granted"] != 1:
-                raise RegistryError(f"the deployment_logs row of {dag_id} run {run_id} stayed locked by another "
-                                    f"writer for {LOCK_WAIT_SECONDS}s; try again")
-            try:
-                yield conn
-            finally:
-                with suppress(Exception):  # a broken connection has dropped the lock already
-                    self._run(conn, "SELECT RELEASE_LOCK(%s)", (name,))
+        with self._connection() as conn, self._holding(conn, name, LOCK_WAIT_SECONDS, lambda: (
+                f"the deployment_logs row of {dag_id} run {run_id} stayed locked by another writer for "
+                f"{LOCK_WAIT_SECONDS}s; try again")):
+            yield conn
 
     def ensure_tables(self) -> None:
         """Create ``deployment_logs`` if it is missing; checked once per registry object.

@@ -75,7 +75,7 @@ def _fresh_bucket(prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 def _dag_env(storage: Any, root: Path, sql: Callable[..., list[dict]]) -> dict[str, Any]:
     """What a DAG test works with: ``storage``, ``put(key, body)`` into its bucket, the published ``root``,
     ``releases`` beside it, ``sql``."""
-    from inspection_refresh.publish import default_releases_dir
+    from inspection_refresh.config import default_releases_dir
 
     def put(key: str, body: bytes) -> None:
         storage.client.put_object(Bucket=storage.bucket, Key=key, Body=body)

@@ -145,6 +145,31 @@ def staging_dirs(releases: Path) -> list[Path]:
     return list(releases.glob("*/.staging-*"))
 
 
+def files_sha256(directory: Path, skip: tuple[str, ...] = ()) -> str:
+    """What an approval names a version or bank by: the sha256 of its files' sorted (path, size, sha256)."""
+    from inspection_refresh.files import tree_digest, tree_files
+
+    return tree_digest(tree_files(directory, skip=skip))
+
+
+def failing_publishes(monkeypatch, times: int | None = None) -> list[str]:
+    """Make ``Publisher.publish`` raise a transient StorageError (the channel refusing an upload), ``times``
+    times (``None``: always); returns the names it refused."""
+    from inspection_refresh.publish import Publisher
+    from inspection_refresh.storage import StorageError
+
+    publish, refused = Publisher.publish, []
+
+    def flaky(self, name, staging, *args, **kwargs):
+        if times is None or len(refused) < times:
+            refused.append(name)
+            raise StorageError(f"simulated: the release channel refused the upload of {name}", transient=True)
+        return publish(self, name, staging, *args, **kwargs)
+
+    monkeypatch.setattr(Publisher, "publish", flaky)
+    return refused
+
+
 # ------------------------------------------------------------------------------------------ CLIP
 
 
@@ -195,9 +220,26 @@ def test_an_approved_clip_index_is_published(clip, airflow_api):
     assert row["status"] == "completed" and row["result_message"].startswith(f"normal index version {after} published")
     approval = row["result_data"]["approval"]
     assert (approval["status"], approval["decision"], approval["by"]) == ("ok", "approved", "alice")
+    assert approval["targets"]["normal"]["version"] == after  # it names what it approved, and that went live
+    assert approval["targets"]["normal"]["sha256"] == files_sha256(clip["root"] / "normal", skip=("images",))
+    assert approval["targets"]["normal"]["sha256"] in body
     assert approval["summary"]["images_before"] == 4 and approval["summary"]["images_after"] == 5
     assert approval["summary"]["self_retrieval"]["found_themselves_first"] == 5
     assert not staging_dirs(clip["releases"])
+
+
+def test_with_the_storage_run_store_the_approval_names_the_version_publish_stages(clip, airflow_api, monkeypatch):
+    """INSPECTION_RUN_STORE=storage: the approval reads the sha256s from the stored version's manifest, publish
+    hashes the version it stages on its own worker; they agree, and that version goes live."""
+    monkeypatch.setenv("INSPECTION_RUN_STORE", "storage")
+    seed_normal(clip["put"], per_product=1)
+    with Approver(airflow_api, "clip_index_normal", "alice", "Approve") as approver:
+        result = run_dag("clip_index_normal", {"require_approval": True})
+    approver.check()
+    assert result.state == "success", result.task_states
+    named = deployment_row(clip["sql"], result.run_id)["result_data"]["approval"]["targets"]["normal"]
+    assert named["version"] == live_version(clip["root"], "normal")
+    assert named["sha256"] == files_sha256(clip["root"] / "normal", skip=("images",))
 
 
 def test_a_rejected_clip_index_is_discarded_and_the_live_one_stays(clip, airflow_api):
@@ -219,6 +261,80 @@ def test_a_rejected_clip_index_is_discarded_and_the_live_one_stays(clip, airflow
     assert "rejected by bob" in row["result_message"], row["result_message"]
     assert f"The live index is unchanged (version {before})" in row["result_message"]
     assert row["result_data"]["approval"]["decision"] == "rejected" and row["result_data"]["version"] is None
+
+
+def approved_run_whose_publish_failed(clip, airflow_api, monkeypatch, seq: int):
+    """A run with one more image, approved by alice, whose publish keeps failing (the channel refuses every
+    upload, through Airflow's retries); returns the run, its staged version and its ClipRun."""
+    from inspection_refresh.config import get_settings
+    from inspection_refresh.tasks import clip_index as pipeline
+
+    clip["put"](f"images/normal/1/BRKT01_OK_{seq}.jpg", jpeg(0, seq))
+    with monkeypatch.context() as patch:
+        failing_publishes(patch)
+        with Approver(airflow_api, "clip_index_normal", "alice", "Approve") as approver:
+            result = run_dag("clip_index_normal", {"require_approval": True})
+    approver.check()
+    assert result.state == "failed"
+    assert [result.task_states[t] for t in ("approve", "publish", "register")] == ["success", "failed", "failed"]
+    row = deployment_row(clip["sql"], result.run_id)
+    staged = row["result_data"]["staged_version"]
+    assert row["result_data"]["approval"]["targets"]["normal"]["version"] == staged
+    assert f"The staged version {staged} is kept: clearing publish retries publishing it" in row["result_message"]
+    assert len(staging_dirs(clip["releases"])) == 1  # the failed publish kept what index_save built
+    run = pipeline.ClipRun(index_type="normal", run_id=result.run_id, prefix="images/normal/",
+                           pretrained=get_settings().clip_pretrained)
+    return result, staged, run
+
+
+def test_a_cleared_publish_publishes_the_approved_version_without_a_rebuild(clip, airflow_api, monkeypatch):
+    from inspection_refresh.tasks import clip_index as pipeline
+
+    before = first_version_without_approval(clip)
+    result, staged, run = approved_run_whose_publish_failed(clip, airflow_api, monkeypatch, 910)
+    assert live_version(clip["root"], "normal") == before
+    [kept] = staging_dirs(clip["releases"])
+    index_inode = (kept / "faiss_index.bin").stat().st_ino
+
+    # The operator clears publish (and register): the kept version is published, nothing is rebuilt.
+    assert pipeline.publish(run)["version"] == staged
+    outcome = pipeline.register(run)
+    assert outcome["status"] == "completed" and outcome["version"] == staged
+    assert live_version(clip["root"], "normal") == staged
+    assert (clip["root"] / "normal" / "faiss_index.bin").stat().st_ino == index_inode  # the very file index_save wrote
+    row = deployment_row(clip["sql"], result.run_id)
+    assert row["status"] == "completed" and row["result_message"].startswith(f"normal index version {staged} published")
+    assert not staging_dirs(clip["releases"])
+
+
+def test_a_version_rebuilt_after_the_approval_is_refused(clip, airflow_api, monkeypatch):
+    from inspection_refresh.tasks import clip_index as pipeline
+    from inspection_refresh.tasks.approval import NotWhatWasApproved
+
+    before = first_version_without_approval(clip)
+    old_index = (clip["root"] / "normal" / "faiss_index.bin").read_bytes()
+    result, approved, run = approved_run_whose_publish_failed(clip, airflow_api, monkeypatch, 911)
+
+    # The operator clears index_save and publish: index_save stages a new version nobody saw ...
+    rebuilt = pipeline.index_save(run)["version"]
+    assert rebuilt != approved
+    with pytest.raises(NotWhatWasApproved) as refused:  # ... and publish refuses it
+        pipeline.publish(run)
+    assert str(refused.value).startswith(
+        f"normal index version {rebuilt} is not what was approved (approved version {approved}, sha256 ")
+    assert f"; now version {rebuilt}, sha256 " in str(refused.value)
+    assert live_version(clip["root"], "normal") == before
+    assert (clip["root"] / "normal" / "faiss_index.bin").read_bytes() == old_index
+
+    outcome = pipeline.register(run)  # register, cleared with them
+    assert outcome["status"] == "failed"
+    row = deployment_row(clip["sql"], result.run_id)
+    assert row["status"] == "failed"
+    message = row["result_message"]
+    assert f"normal index version {rebuilt} is not what was approved (approved version {approved}" in message, message
+    assert "nothing published; clear the run's approve task to ask again" in message, message
+    assert f"The live index is unchanged (version {before})" in message, message
+    assert row["result_data"]["approval"]["targets"]["normal"]["version"] == approved
 
 
 def test_an_unanswered_approval_times_out_and_publishes_nothing(clip, airflow_api, monkeypatch):
@@ -304,3 +420,40 @@ def test_one_approval_for_the_patchcore_run_then_a_rejected_rebuild_keeps_the_ba
         row["result_message"]
     assert row["result_data"]["products"]["TEX01"]["stage"] == "approve"
     assert os.listdir(patchcore["root"]) == ["TEX01"]
+
+
+def test_a_failed_patchcore_publish_keeps_the_approved_bank_for_a_cleared_publish(patchcore, airflow_api, monkeypatch):
+    """The channel refuses TEX01's upload once: the built bank stays, and clearing publish publishes that very bank
+    (the approved one) without building again."""
+    from inspection_refresh.publish import Publisher
+    from inspection_refresh.tasks import patchcore as pipeline
+
+    refused = failing_publishes(monkeypatch, times=1)
+    with Approver(airflow_api, "patchcore_memory_bank", "alice", "Approve") as approver:
+        result = run_dag("patchcore_memory_bank", {"products": ["TEX01"], "shorter": 96, "require_approval": True})
+    approver.check()
+    assert refused == ["TEX01"] and result.state == "failed"
+    assert (result.task_states["product.build[0]"], result.task_states["approve"],
+            result.task_states["product.publish[0]"]) == ("success", "success", "failed")
+    row = patchcore_row(patchcore["sql"], result.run_id)
+    assert row["status"] == "failed" and Publisher(patchcore["root"]).current("TEX01") is None
+    assert "simulated: the release channel refused the upload of TEX01" in row["result_message"]
+    assert "the built bank is kept: clearing publish retries publishing it without a rebuild" in row["result_message"]
+    approved = row["result_data"]["approval"]["targets"]["TEX01"]
+    [kept] = staging_dirs(patchcore["releases"])  # not discarded by the failed publish or by register
+    assert approved["version"] is None and approved["sha256"] == files_sha256(kept, skip=("ok",))
+    run = pipeline.PatchcoreRun(run_id=result.run_id, products=("TEX01",), shorter=96,
+                                weights=pipeline.get_settings().patchcore_weights)
+    bank_inode, build_log = (kept / "memory_bank.pt").stat().st_ino, pipeline.read_build_log(run, "TEX01")
+
+    # The operator clears publish (and register): the kept bank is checked against the approval and published.
+    [product] = run.store.read_json("products.json")["products"]
+    published = pipeline.publish_product(run, product)
+    assert pipeline.read_build_log(run, "TEX01") == build_log  # the build did not run again
+    assert pipeline.register(run)["status"] == "completed"
+    live = patchcore["root"] / "TEX01"
+    assert Publisher(patchcore["root"]).current("TEX01") == published["version"]
+    assert (live / "memory_bank.pt").stat().st_ino == bank_inode  # the bank that was built and approved
+    assert files_sha256(live, skip=("ok",)) == approved["sha256"] and len(list((live / "ok").glob("*.jpg"))) == 8
+    assert patchcore_row(patchcore["sql"], result.run_id)["status"] == "completed"
+    assert not staging_dirs(patchcore["releases"])

@@ -199,8 +199,10 @@ def test_scheduled_runs_skip_when_unchanged_but_manual_runs_rebuild(env):
     pipeline.download(pipeline.ClipRun(run_id="manual__x", scheduled=False, **run))  # no skip
 
 
-def assert_failed_cleanly(env, result, message_part: str, version_before: str | None) -> dict:
-    from inspection_refresh.publish import default_releases_dir
+def assert_failed_cleanly(env, result, message_part: str, version_before: str | None, *, staged_kept: int = 0) -> dict:
+    """The run failed with a row naming ``message_part``, the live version unchanged; ``staged_kept``: staged
+    versions left for a cleared publish (one when publish itself failed)."""
+    from inspection_refresh.config import default_releases_dir
 
     assert result.state == "failed"
     assert result.task_states["register"] == "failed"  # the run is marked failed, after recording it
@@ -208,7 +210,7 @@ def assert_failed_cleanly(env, result, message_part: str, version_before: str | 
     assert row["status"] == "failed" and row["completed_at"] is not None
     assert message_part in row["result_message"], row["result_message"]
     assert live_version(env["root"], "normal") == version_before
-    assert not list((default_releases_dir(env["root"]) / "normal").glob(".staging-*"))
+    assert len(list((default_releases_dir(env["root"]) / "normal").glob(".staging-*"))) == staged_kept
     return row
 
 
@@ -251,7 +253,8 @@ def test_a_crash_between_writing_and_publishing_leaves_the_old_index_live(env, m
 
     monkeypatch.setattr(Publisher, "publish", crash)
     result = run_dag("clip_index_normal", {"full_rebuild": True})
-    assert_failed_cleanly(env, result, "simulated crash before the swap", version)
+    row = assert_failed_cleanly(env, result, "simulated crash before the swap", version, staged_kept=1)
+    assert "is kept: clearing publish retries publishing it without a rebuild" in row["result_message"]
     assert (env["root"] / "normal" / "faiss_index.bin").read_bytes() == old_index
 
 

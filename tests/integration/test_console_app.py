@@ -192,12 +192,11 @@ def csrf_from(page: str) -> str:
     return re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
 
 
-@pytest.fixture
-def published(roots, registry):
-    """CLIP normal: three versions, rolled back (and pinned) to the middle one; a random-weights bank."""
-    index, banks = roots
+def publish_the_deployments(index, banks, registry, normal_manifest=clip_manifest) -> None:
+    """CLIP normal: three versions (their manifest.json from ``normal_manifest(version)``), rolled back (and
+    pinned) to the middle one; bank BRKT01: two versions; and the rows their runs recorded."""
     for version in NORMAL_VERSIONS:
-        publish_clip(index, "normal", version, clip_manifest(version))
+        publish_clip(index, "normal", version, normal_manifest(version))
     index.rollback("normal", NORMAL_VERSIONS[1], pinned_by="airflow:alice", run_id="manual__rollback-1")
     for version in BANK_VERSIONS:
         publish_bank(banks, "BRKT01", version)
@@ -208,6 +207,13 @@ def published(roots, registry):
                     status="completed", message="1 PatchCore bank published", deployed_by="airflow-scheduler",
                     result_data={"products": {"BRKT01": {"status": "published", "version": BANK_VERSIONS[1],
                                                          "bank_size": 4096, "tau": {"pixel": 1.5, "image": 2.25}}}})
+
+
+@pytest.fixture
+def published(roots, registry):
+    """CLIP normal: three versions, rolled back (and pinned) to the middle one; a random-weights bank."""
+    index, banks = roots
+    publish_the_deployments(index, banks, registry)
     return index, banks
 
 

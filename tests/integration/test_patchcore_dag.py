@@ -84,7 +84,7 @@ def test_one_product_fails_the_other_publishes_and_history_says_so(env):
 
 
 def test_a_failing_build_script_keeps_the_old_bank_and_names_the_error(env, tmp_path, monkeypatch):
-    from inspection_refresh.publish import default_releases_dir
+    from inspection_refresh.config import default_releases_dir
 
     script = tmp_path / "broken_build.sh"
     seen_env = tmp_path / "script-env.txt"

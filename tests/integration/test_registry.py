@@ -11,12 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 from inspection_refresh import compose
-from inspection_refresh.registry import (
-    CUT_MARKER,
-    MESSAGE_LIMIT_BYTES,
-    RegistryError,
-    fit_message,
-)
+from inspection_refresh.database import lock_name_for
+from inspection_refresh.registry import CUT_MARKER, MESSAGE_LIMIT_BYTES, RegistryError, fit_message
 
 NORMAL, DEFECT, PATCHCORE = "clip_index_normal", "clip_index_defect", "patchcore_memory_bank"
 
@@ -250,3 +246,27 @@ def test_publishing_is_not_refused_outside_an_airflow_task():
     from inspection_refresh.runtime import refuse_publishing_if_run_ended
 
     refuse_publishing_if_run_ended(NORMAL, "manual__cli", "normal index version X")  # no error: nothing to ask
+
+
+def test_a_named_lock_has_one_holder_across_connections_and_long_names_fit(registry):
+    name = "inspection-refresh s3://a-bucket/deployments/patchcore/" + "P" * 80 + "/"
+    assert len(lock_name_for(name)) == 64 and lock_name_for(name) != lock_name_for(name + "x")
+    held, waited = threading.Event(), []
+    with registry.named_lock(name):
+        def other_host() -> None:
+            try:
+                with registry.named_lock(name, wait_seconds=0.2, purpose="clip:normal"):
+                    waited.append("granted")
+            except RegistryError as exc:
+                waited.append(str(exc))
+            held.set()
+
+        threading.Thread(target=other_host).start()
+        assert held.wait(10)
+    assert waited[0].startswith("clip:normal stayed locked by another host for 0.2s"), waited
+    with registry.named_lock(name, wait_seconds=1):  # released with its holder
+        pass
+    with pytest.raises(KeyError), registry.named_lock(name):  # the block's own error, not a connection error
+        raise KeyError("mine")
+    with registry.named_lock(name, wait_seconds=1):
+        pass

@@ -19,9 +19,9 @@ from types import SimpleNamespace
 
 import pytest
 from inspection_refresh import compose
-from inspection_refresh.channel import MANIFEST_NAME
 from inspection_refresh.cli import main
 from inspection_refresh.config import get_settings
+from inspection_refresh.manifests import MANIFEST_NAME
 from inspection_refresh.publish import Publisher, PublishError, new_version_id
 
 from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
@@ -31,8 +31,9 @@ PREFIX = "deployments/"
 
 
 @pytest.fixture
-def env(storage, s3_server, tmp_path, monkeypatch):
-    """An Airflow host publishing to ``both`` (its own roots and the channel in a fresh bucket)."""
+def env(storage, s3_server, mysql_database, tmp_path, monkeypatch):
+    """An Airflow host publishing to ``both`` (its own roots and the channel in a fresh bucket); its publishers
+    lock each artefact in the test database (``deploy_db``), as every Airflow host does."""
     worker = tmp_path / "worker"
     monkeypatch.setenv("INSPECTION_PUBLISH_TARGETS", "both")
     monkeypatch.setenv("INSPECTION_CHANNEL_BUCKET", storage.bucket)
@@ -357,7 +358,8 @@ def test_the_channel_keeps_n_versions_but_never_the_current_or_pinned_one(env, m
 
     compose.index_publisher().rollback("normal", v2, pinned_by="test")
     v4, _ = publish_clip(seed=4, unpin=True)  # a manual run: publishes over the pin and removes it
-    assert channel.versions("normal") == [v2, v4]  # v2 was pinned while pruning; v4 is current
+    # The pin goes right before the pointer moves: v2 is then neither current nor pinned, so the newest two stay.
+    assert channel.versions("normal") == [v3, v4]
     assert json.loads(get(env, f"{PREFIX}clip/normal/current.json"))["version"] == v4
     assert channel.read_pin("normal") is None
 

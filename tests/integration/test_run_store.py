@@ -333,6 +333,29 @@ def test_a_kept_directory_is_found_in_place_or_fetched_and_refilled(open_store, 
     assert discarded == ([version] if open_store.backend == "local" else [made, made])
 
 
+def test_a_kept_directory_is_named_by_its_files_sha256_on_either_backend(open_store, tmp_path):
+    """What an approval names: the same (size, sha256) per file whether hashed in place or read from the
+    stored manifest, without what publish adds (``skip``); a rebuilt directory reads differently."""
+    from inspection_refresh.files import tree_files
+
+    store = open_store()
+    version = make_tree(tmp_path / "staging", {"faiss_index.bin": b"v1", "sub/meta.json": b"{}", "images/a.jpg": b"j"})
+    kept = store.keep_dir("version", version, skip=["images"])
+    expected = tree_files(version, skip=("images",))
+    assert set(expected) == {"faiss_index.bin", "sub/meta.json"}
+    assert store.kept_files("version", kept, skip=("images",)) == expected
+    make_tree(version, {"faiss_index.bin": b"v2"})  # rebuilt
+    kept = store.keep_dir("version", version, skip=["images"])
+    assert store.kept_files("version", kept, skip=("images",)) == tree_files(version, skip=("images",)) != expected
+    if open_store.backend == "storage":
+        manifest = store.read_json(f"version/{DIR_MANIFEST}")
+        assert set(manifest["sha256"]) == set(manifest["files"]) == {"faiss_index.bin", "sub/meta.json"}
+    else:
+        shutil.rmtree(version)
+        with pytest.raises(RunFileMissing, match="is gone"):
+            store.kept_files("version", kept)
+
+
 def test_images_and_paths_are_settled_by_the_task_whose_disk_they_are_on(open_store, tmp_path):
     store = open_store()
     recorded = [{"key": "images/normal/1/a.jpg", "etag": "e", "size": 1, "path": str(tmp_path / "a.jpg")}]

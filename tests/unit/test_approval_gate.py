@@ -74,3 +74,55 @@ def test_a_timeout_says_how_long_it_waited(tmp_path):
     assert record["status"] == approval.TIMED_OUT
     assert approval.blocked_message(record) == ("approval timed out: nobody approved or rejected publishing within "
                                                 "0:00:03 (asked at 2026-11-28T12:00:00+00:00)")
+
+
+def test_publish_refuses_anything_but_what_was_approved(tmp_path):
+    from inspection_refresh.files import tree_digest, tree_files
+
+    staged = tmp_path / "staging"
+    (staged / "images").mkdir(parents=True)
+    (staged / "faiss_index.bin").write_bytes(b"index v1")
+    (staged / "images" / "a.jpg").write_bytes(b"jpg")
+    files = tree_files(staged, skip=("images",))
+    assert list(files) == ["faiss_index.bin"]  # the images are named by the version's own manifest
+    named = approval.target("v1", files)
+    assert named == {"version": "v1", "sha256": tree_digest(files), "files": 1, "bytes": 8}
+    work = tmp_path / "run"
+    work.mkdir()
+
+    def now(version: str = "v1") -> dict:
+        return approval.target(version, tree_files(staged, skip=("images",)))
+
+    # Nobody asked (approval not required): nothing to compare.
+    approval.record_decision(work, approval.APPROVED, required=False, decision="not required")
+    approval.require_as_approved(work, "normal", "normal index version v2", lambda: now("v2"))
+
+    approval.record_decision(work, approval.WAITING, "", required=True, targets={"normal": named})
+    approval.record_answer(work, "Approve", {"id": "u1", "name": "alice"}, NOW)
+    approval.require_as_approved(work, "normal", "normal index version v1", now)  # the same files: no exception
+    assert approval.decision_facts(approval.read_decision(work))["targets"] == {"normal": named}
+
+    (staged / "faiss_index.bin").write_bytes(b"index v2")  # index_save cleared: rebuilt
+    with pytest.raises(approval.NotWhatWasApproved) as refused:
+        approval.require_as_approved(work, "normal", "normal index version v2", lambda: now("v2"))
+    message = str(refused.value)
+    assert message.startswith(f"normal index version v2 is not what was approved (approved version v1, sha256 "
+                              f"{named['sha256'][:16]}…, 1 files; now version v2, sha256 ")
+    assert message.endswith("nothing published; clear the run's approve task to ask again")
+    with pytest.raises(approval.NotWhatWasApproved, match=r"approved nothing; now sha256"):
+        approval.require_as_approved(work, "TEX01", "the bank of TEX01", lambda: approval.target(None, files))
+
+    # Asked again (approve cleared): the new answer names the new files.
+    approval.record_decision(work, approval.WAITING, "", required=True, targets={"normal": now("v2")})
+    approval.record_answer(work, "Approve", {"id": "u2", "name": "bob"}, NOW)
+    approval.require_as_approved(work, "normal", "normal index version v2", lambda: now("v2"))
+
+
+def test_a_tree_digest_names_paths_sizes_and_contents():
+    from inspection_refresh.files import tree_digest
+
+    files = {"b/x.pt": (3, "aa" * 32), "a.json": (2, "bb" * 32)}
+    assert tree_digest(files) == tree_digest(dict(reversed(list(files.items()))))  # order does not matter
+    for changed in ({**files, "a.json": (2, "cc" * 32)}, {**files, "a.json": (3, "bb" * 32)},
+                    {"b/y.pt": files["b/x.pt"], "a.json": files["a.json"]}, {"a.json": files["a.json"]}):
+        assert tree_digest(changed) != tree_digest(files)

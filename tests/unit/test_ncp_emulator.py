@@ -45,3 +45,12 @@ def test_always_failing_keys_fail_every_get_and_others_never_do():
 ])
 def test_only_object_requests_name_a_key(path, key):
     assert object_key(path) == key
+
+
+def test_slow_uploads_hold_only_puts_of_matching_keys_and_can_be_switched_off():
+    faults = Faults(slow_upload={"deployments/clip/normal/v3/": 1.5, "deployments/": 0.1})
+    assert faults.upload_delay("deployments/clip/normal/v3/faiss_index.bin") == 1.5  # the longest match
+    assert faults.upload_delay("deployments/clip/normal/v2/faiss_index.bin") == 0.1
+    assert faults.upload_delay("images/normal/1/a.jpg") == 0.0
+    faults.update({"slow_upload": {}})
+    assert faults.upload_delay("deployments/clip/normal/v3/faiss_index.bin") == 0.0

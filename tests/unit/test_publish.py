@@ -8,18 +8,14 @@ import logging
 import os
 import shutil
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from inspection_refresh import publish_migration as publish_module
 from inspection_refresh.cli import main
-from inspection_refresh.publish import (
-    MARKER_FILE,
-    PIN_FILE,
-    Publisher,
-    PublishError,
-    is_published_root,
-)
+from inspection_refresh.publish import PIN_FILE, LostToRollback, Publisher, PublishError
+from inspection_refresh.releases_dir import MARKER_FILE, is_published_root
 
 
 @pytest.fixture
@@ -328,3 +324,59 @@ def test_nothing_newer_than_the_live_version_is_pruned(root):
     publish_files(publisher, "normal", "v1", {"a.txt": "1"})  # live, and older than what was kept
     assert publisher.current("normal") == "v1"
     assert publisher.versions("normal") == ["v1", "v4", "v5"]
+
+
+def test_a_rollback_that_takes_the_lock_first_wins_and_the_publish_publishes_nothing(root):
+    publisher = Publisher(root)
+    for version in ("v1", "v2"):
+        publish_files(publisher, "normal", version, {"a.txt": version})
+    staging = publisher.stage("normal")
+    (staging / "a.txt").write_text("v3")
+    taken: list[str] = []
+
+    @contextmanager
+    def lock(name: str):  # another host rolls back while this publish was uploading, and gets the lock first
+        if not taken:
+            taken.append(name)
+            Publisher(root).rollback(name, "v1", pinned_by="airflow:alice")
+        yield
+
+    with pytest.raises(LostToRollback, match="^rolled back to v1 by airflow:alice while this run was uploading; "
+                                             "nothing published$"):
+        Publisher(root, lock=lock).publish("normal", staging, "v3", unpin=True)  # a manual run: it would unpin
+    assert taken == ["normal"]  # one lock per change; prune and the rest run under it
+    assert publisher.current("normal") == "v1" and publisher.pinned("normal")["version"] == "v1"
+    assert publisher.versions("normal") == ["v1", "v2"] and staging.is_dir()  # left for the task to discard
+
+
+def test_a_serving_host_reads_and_leaves_no_pin(root):
+    publisher = Publisher(root)
+    publish_files(publisher, "normal", "v1", {"a.txt": "1"})
+    publisher.pin("normal", "v1", "cli:root")
+    serving = Publisher(root, pins=False)
+    assert serving.pinned("normal") is None
+    publish_files(serving, "normal", "v2", {"a.txt": "2"})  # not refused
+    assert serving.current("normal") == "v2" and not (serving.releases / "normal" / PIN_FILE).exists()
+    with pytest.raises(PublishError, match="follows the channel's current.json"):
+        serving.pin("normal", "v1", "me")
+
+
+def test_a_swap_that_fails_puts_the_pin_back_and_leaves_the_version_staged(root, monkeypatch):
+    publisher = Publisher(root)
+    for version in ("v1", "v2"):
+        publish_files(publisher, "normal", version, {"a.txt": version})
+    publisher.rollback("normal", "v1", pinned_by="airflow:alice")
+    staging = publisher.stage("normal")
+    (staging / "a.txt").write_text("v3")
+
+    def no_swap(self, name, version):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(Publisher, "_point_to", no_swap)
+    with pytest.raises(OSError, match="disk gone"):
+        publisher.publish("normal", staging, "v3", unpin=True)
+    monkeypatch.undo()
+    assert publisher.current("normal") == "v1" and publisher.pinned("normal")["pinned_by"] == "airflow:alice"
+    assert (staging / "a.txt").read_text() == "v3" and "v3" not in publisher.versions("normal")
+    publisher.publish("normal", staging, "v3", unpin=True)  # the retry
+    assert publisher.current("normal") == "v3" and publisher.pinned("normal") is None

@@ -9,6 +9,11 @@ JavaScript), so they work offline and inside the UI's sandboxed frame:
 - ``POST /rollback``: triggers ``deployment_rollback`` through Airflow's REST API as the user;
 - ``/artefacts/patchcore/{name}/{version}/score_histogram.png``: that one file of a kept bank version.
 
+With a release channel (``channel``/``both``) what is live, kept and pinned comes from the channel
+(:mod:`.data`, :class:`~inspection_refresh.live.Releases`), so an API server without local roots
+shows the right cards and accepts Roll back for what the channel keeps; an unreachable channel is
+said on the cards, never an HTTP 500.
+
 Every route, the stylesheet included, needs an Airflow sign-in (:mod:`.auth`).
 """
 
@@ -30,8 +35,10 @@ from inspection_refresh.config import Settings, get_settings
 from inspection_refresh.console import data
 from inspection_refresh.console.airflow_api import airflow_api_url, trigger_dag_run
 from inspection_refresh.console.auth import Viewer, ViewerDep, check_csrf, csrf_token, login_url
-from inspection_refresh.publish import Publisher, PublishError
+from inspection_refresh.live import Releases
+from inspection_refresh.publish import PublishError
 from inspection_refresh.registry import DeploymentRegistry
+from inspection_refresh.storage import StorageError
 from inspection_refresh.tasks.common import ROLLBACK_DAG_ID
 from inspection_refresh.tasks.rollback import CLIP_PREFIX
 
@@ -85,15 +92,26 @@ def _format_time(value: Any) -> str:
     return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _artefact(settings: Settings, label: str) -> tuple[str, Publisher]:
-    """(name, publisher) of an artefact label from the form; ``ValueError`` if it names nothing published."""
+def _artefact(settings: Settings, label: str) -> tuple[str, Releases]:
+    """(name, releases) of an artefact label from the form; ``ValueError`` if it names nothing published
+    (in the channel, with one, or on this host)."""
     if label.startswith(CLIP_PREFIX):
         name, publisher = label[len(CLIP_PREFIX):], compose.index_publisher(settings)
     else:
         name, publisher = label, compose.patchcore_publisher(settings)
-    if name not in publisher.names():
+    releases = Releases(publisher)
+    if name not in releases.names():
         raise ValueError(f"{label!r} is not a published artefact")
-    return name, publisher
+    return name, releases
+
+
+def _check_rollback(releases: Releases, name: str, label: str, version: str) -> None:
+    """``ValueError`` unless ``version`` is kept (in the channel, or on this host: the rollback uploads
+    such a version first) and not live."""
+    if version not in releases.versions(name) and version not in releases.publisher.versions(name):
+        raise ValueError(f"version {version!r} of {label} is not kept")
+    if version == releases.current(name):
+        raise ValueError(f"version {version} of {label} is already live")
 
 
 def create_app(*, settings: SettingsSource = get_settings,
@@ -149,14 +167,20 @@ def create_app(*, settings: SettingsSource = get_settings,
                       page_name="history")
 
     @app.get("/artefacts/patchcore/{name}/{version}/score_histogram.png", name="histogram")
-    def histogram(name: str, version: str, viewer: ViewerDep) -> FileResponse:
+    def histogram(name: str, version: str, viewer: ViewerDep) -> Response:
         if data.PATCHCORE_DAG_ID not in viewer.readable_dag_ids:
             raise StarletteHTTPException(403, "You may not read the PatchCore DAG's runs.")
-        path = data.histogram_path(settings(), name, version)
-        if path is None:
+        try:
+            found = data.histogram(settings(), name, version)
+        except StorageError as exc:
+            raise StarletteHTTPException(502, data.unreachable(exc)) from None
+        if found is None:
             raise StarletteHTTPException(404, "No such histogram.")
         # A version's files never change once published.
-        return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=86400"})
+        headers = {"Cache-Control": "private, max-age=86400"}
+        if isinstance(found, bytes):
+            return Response(found, media_type="image/png", headers=headers)
+        return FileResponse(found, media_type="image/png", headers=headers)
 
     @app.get("/static/console.css", name="stylesheet")
     def stylesheet(viewer: ViewerDep) -> FileResponse:
@@ -177,12 +201,12 @@ def create_app(*, settings: SettingsSource = get_settings,
         if action not in ("rollback", "unpin"):
             raise StarletteHTTPException(400, f"unknown action {action!r}")
         try:
-            name, publisher = _artefact(settings(), artefact)
+            name, releases = _artefact(settings(), artefact)
             if action == "rollback":
-                if version not in publisher.versions(name):
-                    raise ValueError(f"version {version!r} of {artefact} is not kept")
-                if version == publisher.current(name):
-                    raise ValueError(f"version {version} of {artefact} is already live")
+                _check_rollback(releases, name, artefact, version)
+        except StorageError as exc:  # nothing is triggered while what is kept and live is unknown
+            return render(request, "rollback_result.html", viewer, 502, ok=False, detail=data.unreachable(exc),
+                          artefact=artefact, version=version, action=action, run=None)
         except (ValueError, OSError, PublishError) as exc:
             return render(request, "rollback_result.html", viewer, 400, ok=False, detail=str(exc),
                           artefact=artefact, version=version, action=action, run=None)

@@ -1,11 +1,13 @@
-"""What the Deployments console shows, gathered from the published directories and ``deployment_logs``.
+"""What the Deployments console shows, gathered from the published versions and ``deployment_logs``.
 
 Nothing here knows about HTTP or Airflow's web server: :func:`live_cards` reads each artefact's
-live version and kept versions through :class:`~inspection_refresh.publish.Publisher` (plus the few
-JSON files a version holds) and asks the registry which run published it; :func:`history_page`
-reads one page of the history. Only small JSON files are read, never the index or bank themselves,
-so torch, faiss and open_clip are never imported. A problem with one artefact (a corrupt JSON file,
-an unreadable pin) becomes an error on its card, never an exception for the page.
+live version, kept versions and pin through :class:`~inspection_refresh.live.Releases` (the release
+channel in ``channel``/``both`` mode, so a host with empty local roots shows the same cards; else the
+local root), plus the few small files a version's summary needs, and asks the registry which run
+published it; :func:`history_page` reads one page of the history. Only small JSON files are read,
+never the index or bank themselves, so torch, faiss and open_clip are never imported. A problem with
+one artefact (a corrupt JSON file, an unreadable pin, an unreachable channel) becomes an error on its
+card, never an exception for the page.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from inspection_refresh import compose
 from inspection_refresh.clip.index import MANIFEST_FILE
 from inspection_refresh.clip.weights import RANDOM_MARKER_KEY, sidecar_path
 from inspection_refresh.config import Settings
+from inspection_refresh.live import Releases
 from inspection_refresh.patchcore.bank import CONFIG_FILE, HISTOGRAM_FILE, TAU_FILE
-from inspection_refresh.publish import Publisher, PublishError
+from inspection_refresh.publish import PublishError
 from inspection_refresh.registry import STATUSES, DeploymentRegistry, RegistryError
+from inspection_refresh.storage import StorageError
 from inspection_refresh.tasks.clip_index import DEPLOY_TYPE as CLIP_DEPLOY_TYPE
 from inspection_refresh.tasks.clip_index import INDEX_TYPES
 from inspection_refresh.tasks.common import ROLLBACK_DAG_ID
@@ -48,6 +52,12 @@ JSON_SHOWN_CHARS = 20_000
 objects can be long); the message column is at most 64 KB and shown whole."""
 
 ArtefactKind = Literal["clip", "patchcore"]
+UNREACHABLE = "release channel unreachable"
+"""What a card (or the page) says, with the reason, when the channel cannot be read."""
+
+
+def unreachable(exc: StorageError) -> str:
+    return f"{UNREACHABLE}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -102,16 +112,18 @@ def version_time(version: str) -> datetime | None:
         return None
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``; ``ValueError`` naming the file if it is missing, corrupt or not an object."""
+def _read_json_object(releases: Releases, card: ArtefactCard, file: str) -> dict[str, Any]:
+    """A JSON object from the live version's ``file``; ``ValueError`` naming the file if it is missing,
+    corrupt or not an object. ``StorageError`` (the channel unreachable) passes through."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"{path.name} is missing") from None
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path.name} is unreadable ({exc})") from None
+        raw = releases.read_file(card.name, str(card.live_version), file)
+        if raw is None:
+            raise ValueError(f"{file} is missing")
+        data = json.loads(raw.decode("utf-8"))
+    except (OSError, PublishError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file} is unreadable ({exc})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path.name} holds a JSON {type(data).__name__}, not an object")
+        raise ValueError(f"{file} holds a JSON {type(data).__name__}, not an object")
     return data
 
 
@@ -123,25 +135,21 @@ def _number(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-def _kept_versions(publisher: Publisher, name: str, live: str | None) -> list[KeptVersion]:
-    return [KeptVersion(v, version_time(v), v == live) for v in reversed(publisher.versions(name))]
+def _kept_versions(releases: Releases, name: str, live: str | None) -> list[KeptVersion]:
+    return [KeptVersion(v, version_time(v), v == live) for v in reversed(releases.versions(name))]
 
 
-def _base_card(kind: ArtefactKind, name: str, publisher: Publisher) -> ArtefactCard:
-    if kind == "clip":
-        card = ArtefactCard(kind, name, f"{CLIP_PREFIX}{name}", f"CLIP {name} index", clip_dag_id(name))
-    else:
-        card = ArtefactCard(kind, name, name, f"PatchCore bank {name}", PATCHCORE_DAG_ID)
+def _fill_base(card: ArtefactCard, releases: Releases) -> None:
+    """Live version, kept versions and pin; ``StorageError`` passes through (the whole card is unknown)."""
     try:
-        card.live_version = publisher.current(name)
-        card.versions = _kept_versions(publisher, name, card.live_version)
+        card.live_version = releases.current(card.name)
+        card.versions = _kept_versions(releases, card.name, card.live_version)
     except (OSError, PublishError) as exc:
         card.errors.append(f"cannot list its versions: {exc}")
     try:
-        card.pin = publisher.pinned(name)
+        card.pin = releases.pinned(card.name)
     except PublishError as exc:
         card.errors.append(str(exc))
-    return card
 
 
 def _clip_random_weights(manifest: dict[str, Any]) -> bool:
@@ -159,8 +167,8 @@ def _clip_random_weights(manifest: dict[str, Any]) -> bool:
     return isinstance(sidecar, dict) and bool(sidecar.get(RANDOM_MARKER_KEY))
 
 
-def _fill_clip(card: ArtefactCard, live_dir: Path) -> None:
-    manifest = _read_json_object(live_dir / MANIFEST_FILE)
+def _fill_clip(card: ArtefactCard, releases: Releases) -> None:
+    manifest = _read_json_object(releases, card, MANIFEST_FILE)
     card.published_at = manifest.get("created_at") or manifest.get("written_at")
     if manifest.get("run_id"):
         card.published_run = RunRef(card.dag_id, str(manifest["run_id"]))
@@ -177,8 +185,8 @@ def _fill_clip(card: ArtefactCard, live_dir: Path) -> None:
         card.facts.append(("Missing images", str(len(missing))))
 
 
-def _fill_patchcore(card: ArtefactCard, live_dir: Path) -> None:
-    config = _read_json_object(live_dir / CONFIG_FILE)
+def _fill_patchcore(card: ArtefactCard, releases: Releases) -> None:
+    config = _read_json_object(releases, card, CONFIG_FILE)
     weights = config.get("weights") if isinstance(config.get("weights"), dict) else {}
     calibration = config.get("calibration") if isinstance(config.get("calibration"), dict) else {}
     card.published_at = config.get("created")
@@ -193,7 +201,7 @@ def _fill_patchcore(card: ArtefactCard, live_dir: Path) -> None:
          f"{', '.join(map(str, config.get('layers') or []))} / {config.get('shorter')} / {config.get('stride')}"),
     ]
     try:
-        tau = _read_json_object(live_dir / TAU_FILE)
+        tau = _read_json_object(releases, card, TAU_FILE)
         card.facts.append(("tau (image / pixel)", f"{_number(tau.get('image'))} / {_number(tau.get('pixel'))}"))
     except ValueError as exc:
         card.errors.append(str(exc))
@@ -201,7 +209,9 @@ def _fill_patchcore(card: ArtefactCard, live_dir: Path) -> None:
     card.facts.append(("Held-out AUROC", _number(auroc, 3) if auroc is not None
                        else "n/a (no labelled defect images)"))
     card.facts.append(("Accuracy at tau", _number(calibration.get("accuracy_at_tau"), 3)))
-    if (live_dir / HISTOGRAM_FILE).is_file():
+    # Every published bank has one (publishing validates BANK_FILES): the channel is not asked twice per card.
+    local = releases.local_copy(card.name, str(card.live_version)) if releases.channel is None else None
+    if releases.channel is not None or (local is not None and (local / HISTOGRAM_FILE).is_file()):
         card.histogram_version = card.live_version
 
 
@@ -236,38 +246,59 @@ def _add_publications(cards: list[ArtefactCard], registry: DeploymentRegistry) -
     return None
 
 
-def artefact_card(kind: ArtefactKind, name: str, publisher: Publisher) -> ArtefactCard:
-    """One artefact's card from disk alone; problems become ``errors`` on the card."""
-    card = _base_card(kind, name, publisher)
-    if card.live_version is None:
-        if card.versions:
-            card.errors.append("no live version: the live link is missing or is not a published version")
-        elif not card.errors:
-            card.note = "Nothing published yet."
-        return card
+def artefact_card(kind: ArtefactKind, name: str, releases: Releases) -> ArtefactCard:
+    """One artefact's card from its releases alone; problems (an unreachable channel too) become ``errors``."""
+    if kind == "clip":
+        card = ArtefactCard(kind, name, f"{CLIP_PREFIX}{name}", f"CLIP {name} index", clip_dag_id(name))
+    else:
+        card = ArtefactCard(kind, name, name, f"PatchCore bank {name}", PATCHCORE_DAG_ID)
     try:
-        live_dir = publisher.live_path(name)
-        (_fill_clip if kind == "clip" else _fill_patchcore)(card, live_dir)
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
-        card.errors.append(f"version {card.live_version}: {exc}")
+        _fill_base(card, releases)
+        if card.live_version is None:
+            _no_live_version(card, releases)
+            return card
+        try:
+            (_fill_clip if kind == "clip" else _fill_patchcore)(card, releases)
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            card.errors.append(f"version {card.live_version}: {exc}")
+    except StorageError as exc:
+        card.errors.append(unreachable(exc))
     return card
+
+
+def _no_live_version(card: ArtefactCard, releases: Releases) -> None:
+    """Why a card has no live version: nothing published, a broken live link, or not in the channel yet."""
+    local = releases.publisher.current(card.name) if releases.channel is not None else None
+    if local:
+        card.note = (f"Not in the release channel yet: this host's root has version {local} live. "
+                     "'inspection-publish push' makes it the channel's current version.")
+    elif card.versions:
+        card.errors.append("no live version: the live link is missing or is not a published version"
+                           if releases.channel is None else f"no live version: {releases.where} has no current.json")
+    elif not card.errors:
+        card.note = "Nothing published yet."
 
 
 def live_cards(settings: Settings, registry: DeploymentRegistry,
                readable_dag_ids: frozenset[str] | set[str]) -> tuple[list[ArtefactCard], list[str]]:
     """Cards for the artefacts whose DAG the user may read (CLIP indexes, then banks by product code),
-    and page-level problems (history unavailable, a releases directory that cannot be listed)."""
+    and page-level problems (history unavailable, a releases directory or the channel unreadable)."""
     problems: list[str] = []
     cards: list[ArtefactCard] = []
+    indexes: Releases | None = None
     try:
-        index_publisher = compose.index_publisher(settings)
-        cards += [artefact_card("clip", t, index_publisher) for t in INDEX_TYPES if clip_dag_id(t) in readable_dag_ids]
+        indexes = Releases(compose.index_publisher(settings))  # one per page: its reads are memoised
+        cards += [artefact_card("clip", t, indexes) for t in INDEX_TYPES if clip_dag_id(t) in readable_dag_ids]
     except (OSError, PublishError) as exc:
         problems.append(f"CLIP indexes: {exc}")
     if PATCHCORE_DAG_ID in readable_dag_ids:
         try:
-            bank_publisher = compose.patchcore_publisher(settings)
-            cards += [artefact_card("patchcore", code, bank_publisher) for code in bank_publisher.names()]
+            if indexes is not None and indexes.unreachable is not None:
+                raise indexes.unreachable  # the same connection and bucket: not a second wait for a timeout
+            banks = Releases(compose.patchcore_publisher(settings))
+            cards += [artefact_card("patchcore", code, banks) for code in banks.names()]
+        except StorageError as exc:  # which banks exist is unknown: no cards, one notice
+            problems.append(f"PatchCore banks: {unreachable(exc)}")
         except (OSError, PublishError) as exc:
             problems.append(f"PatchCore banks: {exc}")
     problem = _add_publications(cards, registry)
@@ -276,8 +307,26 @@ def live_cards(settings: Settings, registry: DeploymentRegistry,
     return cards, problems
 
 
+def histogram(settings: Settings, name: str, version: str) -> Path | bytes | None:
+    """The score histogram of a kept version of a PatchCore bank: its file on this host (no channel),
+    its bytes from the release channel, or None. ``StorageError`` if the channel is unreachable.
+
+    ``name`` and ``version`` come from the URL: they are only compared with the names and
+    versions listed (on disk or in the channel) before anything is read.
+    """
+    releases = Releases(compose.patchcore_publisher(settings))
+    if releases.channel is None:
+        return histogram_path(settings, name, version)
+    try:
+        if version not in releases.versions(name):
+            return None
+        return releases.read_file(name, version, HISTOGRAM_FILE)
+    except PublishError:  # an invalid name or version
+        return None
+
+
 def histogram_path(settings: Settings, name: str, version: str) -> Path | None:
-    """The score histogram of a kept version of a PatchCore bank, or None.
+    """The score histogram of a kept version of a PatchCore bank on this host, or None.
 
     ``name`` and ``version`` come from the URL: they are only compared with the names and
     versions listed on disk, and the file's real path must lie inside that version's

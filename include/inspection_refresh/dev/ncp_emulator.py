@@ -8,10 +8,11 @@ that behaves the way NCP does where it differs from AWS:
 
 and that can inject the faults and delays the tests and benchmarks need
 (added latency per request, a connection cut in the middle of a body, 503
-SlowDown, objects that fail on every GET). Faults are set at start-up (CLI
-options, :class:`Faults` arguments) or at run time with
+SlowDown, objects that fail on every GET, slow uploads of chosen keys). Faults are
+set at start-up (CLI options, :class:`Faults` arguments) or at run time with
 ``POST /__emulator__/faults`` (JSON), so one server serves a whole test session.
-Only GET object requests get faults; listing, HEAD and uploads stay healthy.
+Only GET object requests get faults and only PUTs are slowed (``slow_upload``);
+listing and HEAD stay healthy.
 
 Run: ``python -m inspection_refresh.dev.ncp_emulator --port 9000 --access-key KEY``
 (add ``--fault-slowdown-rate 0.1 --fault-cut-rate 0.1 --fault-seed 7`` for a flaky
@@ -48,6 +49,9 @@ class Faults:
     :param slowdown_rate: share of GET object requests answered ``503 SlowDown``.
     :param cut_rate: share of GET object responses cut off after the headers and half the body.
     :param always_fail: key substrings whose GETs are cut off every time.
+    :param slow_upload: key substring -> seconds each PUT (upload or copy) of a matching key is held
+        before it reaches the store, e.g. ``{"deployments/clip/normal/2026...": 2}``: a slow upload
+        that a test can overtake with a rollback.
     :param seed: makes the random faults reproducible: whether the n-th GET of a
         key fails depends only on (seed, key, n), not on the bucket or on the order
         threads ask in.
@@ -60,6 +64,7 @@ class Faults:
         cut_rate: float = 0.0,
         always_fail: list[str] | tuple[str, ...] = (),
         seed: int = 0,
+        slow_upload: dict[str, float] | None = None,
     ) -> None:
         self.lock = threading.Lock()
         self.latency_ms = latency_ms
@@ -68,6 +73,7 @@ class Faults:
         self.always_fail = list(always_fail)
         self.seed = seed
         self.cut_body: dict[str, int] = {}  # key substring -> GETs still to cut
+        self.slow_upload: dict[str, float] = dict(slow_upload or {})
         self._gets: Counter[str] = Counter()  # object key -> GETs seen, for the seeded draws
 
     def update(self, spec: dict) -> None:
@@ -81,9 +87,16 @@ class Faults:
                     setattr(self, name, float(spec[name]))
             if "always_fail" in spec:
                 self.always_fail = [str(fragment) for fragment in spec["always_fail"]]
+            if "slow_upload" in spec:
+                self.slow_upload = {str(k): float(v) for k, v in spec["slow_upload"].items()}
             if "seed" in spec:
                 self.seed = int(spec["seed"])
                 self._gets.clear()
+
+    def upload_delay(self, key: str) -> float:
+        """Seconds to hold a PUT of object ``key`` (the longest matching ``slow_upload`` entry)."""
+        with self.lock:
+            return max((delay for fragment, delay in self.slow_upload.items() if fragment in key), default=0.0)
 
     def take_cut(self, key: str) -> bool:
         with self.lock:
@@ -177,6 +190,8 @@ def make_handler(upstream: tuple[str, int], access_key: str | None, faults: Faul
             if "list-type=2" in urlsplit(self.path).query:
                 self._reply(400, _error_xml("NotImplemented", "ListObjectsV2 is not supported; use ListObjects"))
                 return
+            if self.command == "PUT" and (put_key := object_key(self.path)) is not None:
+                time.sleep(faults.upload_delay(put_key))
             key = object_key(self.path) if self.command == "GET" else None
             fault = faults.object_fault(key) if key is not None else None
             if fault == "slowdown":

@@ -222,7 +222,7 @@ def build_root(root: Path | str, options: BuildOptions | None = None) -> list[di
     Returns one summary per product; a failed product gets ``status: "failed"`` and
     ``error`` and does not stop the others.
     """
-    from inspection_refresh.publish import is_published_root
+    from inspection_refresh.releases_dir import is_published_root
 
     root = Path(root)
     if not root.is_dir():

@@ -24,7 +24,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any, Protocol, TypeVar
 
-from inspection_refresh.files import atomic_write
+from inspection_refresh.files import atomic_write, tree_files
 from inspection_refresh.progress import counted
 from inspection_refresh.runstore.mirror import materialise_images
 from inspection_refresh.runstore.names import KEPT_AT, RunFileMissing
@@ -45,6 +45,7 @@ class Served(Protocol):
     def get_file(self, name: str, target: str | os.PathLike) -> Path: ...
     def put_dir(self, name: str, source: str | os.PathLike, *, skip: Iterable[str] = ()) -> int: ...
     def get_dir(self, name: str, target: str | os.PathLike) -> Path: ...
+    def stored_files(self, name: str) -> dict[str, tuple[int, str]] | None: ...
     def exists(self, name: str) -> bool: ...
     def within(self, folder: str) -> Any: ...
     def at(self, work_dir: str | os.PathLike) -> Any: ...
@@ -78,6 +79,8 @@ class Runs(Protocol):
                   refill: Callable[[Path], None] | None, discard: Callable[[Path], None],
                   keep_in_place: bool) -> AbstractContextManager[Path]: ...
     def find_dir(self, store: Served, name: str, kept: dict[str, Any], done: str) -> Any: ...
+    def kept_files(self, store: Served, name: str, kept: dict[str, Any],
+                   skip: tuple[str, ...]) -> dict[str, tuple[int, str]]: ...
     def fetch_images(self, storage: ObjectStorage, prefix: str, images: list[dict[str, Any]],
                      mirror_dir: Path) -> dict[str, Path]: ...
     def settle_ahead(self, settle: Callable[[], T], otherwise: T) -> T: ...
@@ -198,6 +201,13 @@ class LocalRuns:
         directory = Path(kept.get(KEPT_AT, ""))
         return store.at(directory) if (directory / done).is_file() else None
 
+    def kept_files(self, store: Served, name: str, kept: dict[str, Any],
+                   skip: tuple[str, ...]) -> dict[str, tuple[int, str]]:
+        directory = Path(kept.get(KEPT_AT, ""))
+        if not kept.get(KEPT_AT) or not directory.is_dir():
+            raise RunFileMissing(f"the directory kept as {name!r} ({directory}) is gone; rerun the task that built it")
+        return tree_files(directory, skip=skip)
+
     def fetch_images(self, storage: ObjectStorage, prefix: str, images: list[dict[str, Any]],
                      mirror_dir: Path) -> dict[str, Path]:
         return {item["key"]: Path(item["path"]) for item in images}  # the download's mirror, on this disk
@@ -313,6 +323,14 @@ class StorageRuns:
 
     def find_dir(self, store: Served, name: str, kept: dict[str, Any], done: str) -> Any:
         return store.within(name) if store.exists(name) else None
+
+    def kept_files(self, store: Served, name: str, kept: dict[str, Any],
+                   skip: tuple[str, ...]) -> dict[str, tuple[int, str]]:
+        files = store.stored_files(name)
+        if files is None:  # stored by an older version: fetch and hash it once
+            with tempfile.TemporaryDirectory(prefix="runstore-") as scratch:
+                return tree_files(store.get_dir(name, scratch), skip=skip)
+        return {relative: entry for relative, entry in files.items() if relative.split("/", 1)[0] not in skip}
 
     def fetch_images(self, storage: ObjectStorage, prefix: str, images: list[dict[str, Any]],
                      mirror_dir: Path) -> dict[str, Path]:

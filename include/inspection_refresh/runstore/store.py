@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from inspection_refresh.config import Settings
+from inspection_refresh.files import tree_files, tree_paths
 from inspection_refresh.progress import counted
 from inspection_refresh.runstore.backends import LocalRuns, Runs, StorageRuns
 from inspection_refresh.runstore.names import (
@@ -157,22 +158,17 @@ class RunStore:
         name, source = self._name(name), Path(source)
         if not source.is_dir():
             raise FileNotFoundError(f"cannot store {source} as run directory {name!r}: it is not a directory")
-        skipped = set(skip)
-        files: dict[str, Path] = {}
-        for directory, sub_dirs, file_names in os.walk(source):
-            if Path(directory) == source:
-                sub_dirs[:] = [d for d in sub_dirs if d not in skipped]
-                file_names = [f for f in file_names if f not in skipped]
-            for file_name in file_names:
-                path = Path(directory) / file_name
-                relative = path.relative_to(source).as_posix()
-                if relative == DIR_MANIFEST or not is_safe_relative_key(relative):
-                    raise UnsafeNameError(f"cannot store {path} in run directory {name!r}: unusable name")
-                files[relative] = path
+        files = tree_paths(source, skip=skip)
+        for relative, path in files.items():
+            if relative == DIR_MANIFEST or not is_safe_relative_key(relative):
+                raise UnsafeNameError(f"cannot store {path} in run directory {name!r}: unusable name")
         manifest = f"{name}/{DIR_MANIFEST}"
         self._runs.delete(self.run, [manifest])  # incomplete while it is rewritten
         self._each(lambda item: self._runs.put_file(self.run, f"{name}/{item[0]}", item[1]), list(files.items()))
-        self._write_json(manifest, {"files": {relative: path.stat().st_size for relative, path in files.items()}})
+        # Sizes for get_dir's checks; sha256s name the tree without fetching it (kept_files, approvals).
+        hashed = tree_files(source, skip=skip)
+        self._write_json(manifest, {"files": {relative: hashed[relative][0] for relative in files},
+                                    "sha256": {relative: hashed[relative][1] for relative in files}})
         keep = {f"{name}/{relative}" for relative in files} | {manifest}
         self._runs.delete(self.run, [n for n in self._runs.names(self.run, f"{name}/") if n not in keep])
         log.info("Stored %s as %s", counted(len(files), "file"), self._runs.describe(self.run, name + "/"))
@@ -201,6 +197,18 @@ class RunStore:
 
         self._each(fetch, list(paths))
         return target
+
+    def stored_files(self, name: str) -> dict[str, tuple[int, str]] | None:
+        """Size and sha256 of each file of the stored directory ``name``, from its manifest (``None`` if
+        the manifest predates sha256s); :class:`RunFileMissing` if no complete directory was stored."""
+        try:
+            manifest = self._read_json(f"{self._name(name)}/{DIR_MANIFEST}")
+        except RunFileMissing:
+            raise RunFileMissing(f"no complete run directory {self._runs.describe(self.run, self._name(name) + '/')}"
+                                 ) from None
+        if set(manifest.get("sha256", {})) != set(manifest["files"]):
+            return None
+        return {relative: (size, manifest["sha256"][relative]) for relative, size in manifest["files"].items()}
 
     def _each(self, work: Callable[[Any], None], items: list) -> None:
         """``work(item)`` for every item, several at once where the backend transfers in parallel."""
@@ -269,6 +277,15 @@ class RunStore:
         """
         with self._runs.fetch_dir(self, check_name(name), kept, make, refill, discard, keep_in_place) as found:
             yield found
+
+    def kept_files(self, name: str, kept: dict[str, Any], *, skip: Iterable[str] = ()) -> dict[str, tuple[int, str]]:
+        """Size and sha256 of each file of the directory kept as ``name`` (:meth:`keep_dir`), by relative path,
+        without the top-level entries ``skip``: what an approval names (:func:`~inspection_refresh.files.tree_digest`).
+
+        ``local``: hashed where it was kept (``kept["staging"]``). ``storage``: read from the stored manifest
+        (fetched and hashed only for a directory stored before manifests carried sha256s).
+        """
+        return self._runs.kept_files(self, check_name(name), kept, tuple(skip))
 
     def find_dir(self, name: str, kept: dict[str, Any], *, done: str) -> RunStore | None:
         """A store over the directory kept as ``name``, to read some of its files without fetching it all;

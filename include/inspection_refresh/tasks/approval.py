@@ -12,20 +12,28 @@ Either way it records the run's ``approve`` stage here, beside the other stage r
 - ``failed`` — the step itself failed (e.g. the summary could not be built).
 
 ``publish`` refuses to publish unless the record says ``ok``, and ``register`` writes the
-decision into the deployment row. The record lives with the run's other stage records: in a work
-directory (a path) or a :class:`~inspection_refresh.runstore.RunStore`, so the worker that publishes
-need not be the one that asked. Nothing here imports Airflow.
+decision into the deployment row. An approval names what it approved: the request's ``targets``
+(per artefact, :func:`target`: the staged version and the sha256 of a sorted manifest of its files)
+are recorded when the person is asked, and ``publish`` recomputes them over what it is about to make
+live and refuses anything else (:func:`require_as_approved`), so a version rebuilt after the answer
+(``index_save`` or ``build`` cleared) is never published on an approval given for another one.
+The record lives with the run's other stage records: in a work directory (a path) or a
+:class:`~inspection_refresh.runstore.RunStore`, so the worker that publishes need not be the one
+that asked. Nothing here imports Airflow.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from inspection_refresh.files import tree_digest
 from inspection_refresh.runstore import RunFileMissing, RunStore
+from inspection_refresh.runtime import PermanentError
 from inspection_refresh.tasks.common import NothingToDo
 from inspection_refresh.tasks.stages import as_run_store
 
@@ -47,6 +55,8 @@ class ApprovalRequest:
     body: str
     summary: dict[str, Any] = field(default_factory=dict)
     """Saved in the stage record (and so in the deployment row's ``approval``)."""
+    targets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Exactly what would be published, by artefact (``normal``, a product code): :func:`target` each."""
 
 
 RECORD = f"stage-{STAGE}.json"
@@ -122,12 +132,56 @@ def require_approved(work_dir: Path | RunStore, what: str) -> None:
         raise NothingToDo(f"{what} is not published: {record['message'] or record['status']}")
 
 
+def target(version: str | None, files: Mapping[str, tuple[int, str]], **inputs: str) -> dict[str, Any]:
+    """What an approval names for one artefact: ``version`` (``None`` where publishing assigns it, as for a
+    PatchCore bank), ``sha256`` over ``files`` (:func:`~inspection_refresh.files.tree_digest` of path ->
+    (size, sha256)), their count and bytes, and ``inputs``: digests of what publishing adds beside them
+    (e.g. the images a bank publishes as ``ok/``)."""
+    return {"version": version, "sha256": tree_digest(files), "files": len(files),
+            "bytes": sum(size for size, _ in files.values()), **inputs}
+
+
+class NotWhatWasApproved(PermanentError):
+    """``publish`` found another version or other files than the approval named: a retry cannot fix it."""
+
+
+def _described(named: dict[str, Any] | None) -> str:
+    """A :func:`target` in a refusal's words: ``version X, sha256 <16 hex>…, N files``."""
+    if not named:
+        return "nothing"
+    version = f"version {named['version']}, " if named.get("version") else ""
+    return f"{version}sha256 {named['sha256'][:16]}…, {named['files']} files"
+
+
+def require_as_approved(work_dir: Path | RunStore, name: str, what: str,
+                        now: Callable[[], dict[str, Any]]) -> None:
+    """Raise :class:`NotWhatWasApproved` unless ``now()`` (:func:`target` over what ``publish`` is about to
+    make live) is what the person approved for ``name``; call it after :func:`require_approved`.
+
+    Runs that asked nobody (approval not required, nothing to approve) are not checked, nor an approval
+    recorded before approvals named their targets (it is logged).
+    """
+    facts = (read_decision(work_dir) or {}).get("facts", {})
+    if facts.get("decision") != "approved":
+        return
+    targets = facts.get("targets")
+    if targets is None:
+        log.warning("The approval of %s names no version or digest (asked by an older release): not checked", what)
+        return
+    approved, current = targets.get(name), now()
+    if approved != current:
+        raise NotWhatWasApproved(
+            f"{what} is not what was approved (approved {_described(approved)}; now {_described(current)}): "
+            "nothing published; clear the run's approve task to ask again")
+    log.info("%s is what %s approved (%s)", what, facts.get("by", "the approver"), _described(current))
+
+
 def decision_facts(record: dict[str, Any] | None) -> dict[str, Any]:
     """The approval part of a deployment row's ``result_data``."""
     if not record:
         return {"status": "not run"}
     facts = record.get("facts", {})
-    keep = ("required", "decision", "by", "at", "asked_at", "timeout", "summary")
+    keep = ("required", "decision", "by", "at", "asked_at", "timeout", "summary", "targets")
     return {"status": record["status"], **{k: facts[k] for k in keep if k in facts}}
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from inspection_refresh.files import write_json_atomic
+from inspection_refresh.publish import LostToRollback, Publisher, Superseded
 from inspection_refresh.registry import DeploymentRegistry
 from inspection_refresh.runstore import safe_run_id
 
@@ -29,6 +30,24 @@ def recorded_outcome(registry: DeploymentRegistry, dag_id: str, run_id: str) -> 
         log.info("%s run %s already recorded deployment #%s as %s and its work files are gone: "
                  "leaving the record as it is", dag_id, run_id, recorded["deploy_id"], recorded["status"])
     return recorded
+
+
+def live_version(publisher: Publisher, name: str) -> str | None:
+    """What is live of ``name`` for a deployment row: the channel's ``current.json`` (this host's live link
+    if the channel cannot be read now: a row is written all the same)."""
+    try:
+        return publisher.live_version(name)
+    except Exception as exc:
+        log.warning("Cannot read the live version of %s from the release channel (%s); using this host's", name, exc)
+        return publisher.current(name)
+
+
+def lost_race(message: str) -> str | None:
+    """The reason of a publish stage that failed because another change of what is live won (a rollback
+    while the run uploaded, a newer version from another host), without the error's class name; ``None``
+    for any other failure. ``message`` is the stage record's ``"<class>: <text>"``."""
+    kind, _, reason = message.partition(": ")
+    return reason if kind in (LostToRollback.__name__, Superseded.__name__) else None
 
 
 def prune_run_work_dirs(cache_root: Path, pipeline: str, older_than_days: float = 14) -> list[Path]:

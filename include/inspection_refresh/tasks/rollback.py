@@ -6,7 +6,12 @@ code. Rolling back is :meth:`Publisher.rollback` with a pin, the same code as
 the pin makes scheduled runs leave the artefact alone until a manual run publishes a
 new version or someone unpins it.
 
-The swap needs only the filesystem; the ``deployment_logs`` row is written by the
+With a release channel (``channel``/``both``) the channel says which artefacts and versions
+exist and which one is live (:class:`~inspection_refresh.live.Releases`): a rollback requested
+from a host with empty local roots (the console's API server) is accepted, and
+:meth:`Publisher.rollback` brings the version to this worker if it lacks it.
+
+The swap needs no database; the ``deployment_logs`` row is written by the
 separate ``register`` task, so a rollback works even while the database is down
 (register retries), and a retried register never rolls back a second time.
 """
@@ -21,6 +26,7 @@ from typing import Any
 
 from inspection_refresh import compose
 from inspection_refresh.config import Settings, get_settings
+from inspection_refresh.live import Releases
 from inspection_refresh.publish import Publisher, PublishError, check_name
 from inspection_refresh.runstore import RunStore, run_work_dir
 from inspection_refresh.runtime import PermanentError
@@ -46,6 +52,10 @@ class Artefact:
     """Its name under its root: ``normal``, ``defect`` or the product code."""
     publisher: Publisher
 
+    def live_version(self) -> str | None:
+        """What is live now: the channel's ``current.json`` with a channel, else this host's live link."""
+        return Releases(self.publisher).current(self.name)
+
 
 def resolve_artefact(label: str, settings: Settings) -> Artefact:
     """The artefact ``label`` names; a clear :class:`PermanentError` if it names nothing published."""
@@ -61,9 +71,12 @@ def resolve_artefact(label: str, settings: Settings) -> Artefact:
         except PublishError as exc:
             raise PermanentError(f"{exc}; the artefact is clip:normal, clip:defect or a product code") from None
         publisher = compose.patchcore_publisher(settings)
-    if not publisher.versions(name):
-        known = [CLIP_PREFIX + n for n in compose.index_publisher(settings).names()] + compose.patchcore_publisher(settings).names()
-        raise PermanentError(f"nothing of {label!r} is published under {publisher.releases}; "
+    releases = Releases(publisher)
+    if not publisher.versions(name) and not (releases.channel is not None and releases.versions(name)):
+        indexes, banks = Releases(compose.index_publisher(settings)), Releases(compose.patchcore_publisher(settings))
+        known = [CLIP_PREFIX + n for n in indexes.names()] + banks.names()
+        where = f"{releases.where} or {publisher.releases}" if releases.channel is not None else str(publisher.releases)
+        raise PermanentError(f"nothing of {label!r} is published in {where}; "
                              f"artefacts with kept versions: {', '.join(known) or 'none'}")
     return Artefact(name, publisher)
 
@@ -102,7 +115,7 @@ def roll_back(run: RollbackRun) -> dict[str, Any]:
         stage.facts = {"artefact": run.artefact, "action": run.action}  # recorded even if what follows fails
         artefact = resolve_artefact(run.artefact, run.settings)
         publisher, name = artefact.publisher, artefact.name
-        stage.facts["from_version"] = publisher.current(name)
+        stage.facts["from_version"] = artefact.live_version()
         if run.unpin:
             stage.facts["removed_pin"] = publisher.unpin(name)
         else:
@@ -117,10 +130,9 @@ def roll_back(run: RollbackRun) -> dict[str, Any]:
 def _live_version(run: RollbackRun) -> str | None:
     """What is live now, for a failure message (``None`` if the artefact cannot be resolved)."""
     try:
-        artefact = resolve_artefact(run.artefact, run.settings)
+        return resolve_artefact(run.artefact, run.settings).live_version()
     except Exception:  # the reason is already in the message
         return None
-    return artefact.publisher.current(artefact.name)
 
 
 def _message(run: RollbackRun, record: dict[str, Any]) -> tuple[str, str]:

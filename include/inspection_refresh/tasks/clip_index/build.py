@@ -91,7 +91,7 @@ def _skip_if_unchanged(run: ClipRun, fingerprint: str) -> None:
     if manifest:
         raise NothingToDo(
             f"images under {run.prefix} are unchanged since the published {run.index_type} index "
-            f"(version {run.publisher.current(run.index_type)}, {manifest.get('count')} images, same model): "
+            f"(version {run.live_version()}, {manifest.get('count')} images, same model): "
             "skipping the rebuild. Trigger with full_rebuild=true to force one."
         )
 
@@ -181,7 +181,7 @@ def index_save(run: ClipRun) -> dict[str, Any]:
         downloaded = store.read_json("stage-download.json")["facts"]
         live = None if run.full_rebuild else unchanged_live_index(run, downloaded["source_fingerprint"])
         if live:  # an identical version would only push distinct older versions out of the kept ones
-            stage.facts = {"unchanged": True, "version": run.publisher.current(run.index_type),
+            stage.facts = {"unchanged": True, "version": run.live_version(),
                            "path": str(run.publisher.live_path(run.index_type)), "count": live.get("count"),
                            "dim": live.get("dim")}
             log.info("Same images and model as the live %s index: version %s stays live, nothing to publish",

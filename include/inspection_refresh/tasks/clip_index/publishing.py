@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from inspection_refresh import compose
-from inspection_refresh.files import link_or_copy
+from inspection_refresh.files import link_or_copy, tree_files
 from inspection_refresh.progress import counted
 from inspection_refresh.publish import PublishError
 from inspection_refresh.runtime import refuse_publishing_if_run_ended
@@ -15,10 +15,14 @@ from inspection_refresh.tasks import approval
 from inspection_refresh.tasks.clip_index.run import (
     DEPLOY_TYPE, STAGES, VERSION_DIR, ClipRun, local_images, published_manifest,
 )
-from inspection_refresh.tasks.common import NothingToDo, read_json, recorded_outcome
+from inspection_refresh.tasks.common import NothingToDo, live_version, lost_race, read_json, recorded_outcome
 from inspection_refresh.tasks.stages import first_failure, read_stages, record_stage
 
 log = logging.getLogger(__package__)  # the pipeline's one logger, named as before it was split
+
+STAGED_ELSEWHERE = ("images",)
+"""What the approval's digest leaves out of a staged version: its images, linked from the mirror at publish
+and named by its ``manifest.json`` (``source_fingerprint``: key, ETag and size of each)."""
 
 
 def _live_image_urls(run: ClipRun) -> set[str] | None:
@@ -86,9 +90,13 @@ def approval_request(run: ClipRun) -> approval.ApprovalRequest | None:
         lines += ["", "⚠ Embedded with RANDOM weights (demo/test checkpoint): similarity scores are meaningless."]
     lines += ["", f"**Approve** publishes it. **Reject** keeps "
                   f"{'version ' + live_version if live_version else 'nothing'} live and discards the new version."]
+    named = approval.target(saved["version"], store.kept_files(VERSION_DIR, saved, skip=STAGED_ELSEWHERE))
+    lines += ["", f"Approving names version `{saved['version']}` with files sha256 `{named['sha256']}`: publish "
+                  "refuses any other (e.g. one rebuilt by clearing index_save)."]
     subject = (f"Publish {run.index_type} index version {saved['version']}: {after} images"
                + (f" (live: {before})" if before is not None else ""))
-    return approval.ApprovalRequest(subject=subject, body="\n".join(lines), summary=summary)
+    return approval.ApprovalRequest(subject=subject, body="\n".join(lines), summary=summary,
+                                    targets={run.index_type: named})
 
 
 def publish(run: ClipRun) -> dict[str, Any]:
@@ -110,14 +118,19 @@ def publish(run: ClipRun) -> dict[str, Any]:
         version = saved["version"]
         what = f"{run.index_type} index version {version}"
         approval.require_approved(store, what)
-        with store.fetch_dir(VERSION_DIR, saved, lambda: _new_staging(run, saved),
-                             refill=lambda staging: _link_images(run, staging, saved),
-                             discard=run.publisher.discard, keep_in_place=True) as staging:
-            if not staging.is_dir():
-                raise PublishError(f"the staged {what} at {staging} is gone; rerun the DAG")
-            refuse_publishing_if_run_ended(run.dag_id, run.run_id, what)
-            # A manual run replaces a rollback's pin; a scheduled one never publishes over it.
-            release = run.publisher.publish(run.index_type, staging, version, unpin=not run.scheduled)
+        # A retry of a try that went live and then failed (a timeout after the swap) completes.
+        release = run.publisher.published(run.index_type, version)
+        if release is None:
+            with store.fetch_dir(VERSION_DIR, saved, lambda: _new_staging(run, saved),
+                                 refill=lambda staging: _link_images(run, staging, saved),
+                                 discard=run.publisher.discard, keep_in_place=True) as staging:
+                if not staging.is_dir():
+                    raise PublishError(f"the staged {what} at {staging} is gone; rerun the DAG")
+                approval.require_as_approved(store, run.index_type, what, lambda: approval.target(
+                    version, tree_files(staging, skip=STAGED_ELSEWHERE)))
+                refuse_publishing_if_run_ended(run.dag_id, run.run_id, what)
+                # A manual run replaces a rollback's pin; a scheduled one never publishes over it.
+                release = run.publisher.publish(run.index_type, staging, version, unpin=not run.scheduled)
         stage.facts = {"version": release.version, "path": str(run.publisher.live_path(run.index_type)),
                        "count": saved["count"], "dim": saved["dim"], "verified": saved.get("verified")}
         log.info("Published %s index version %s: %d images, dim %d, at %s", run.index_type, release.version,
@@ -153,13 +166,19 @@ def _link_images(run: ClipRun, staging: Path, saved: dict[str, Any]) -> None:
              store.location)
 
 
-def discard_unpublished(run: ClipRun, records: dict[str, dict[str, Any]]) -> None:
-    """Remove the version ``index_save`` staged if ``publish`` did not make it live (rejected,
-    timed out, failed): a staged version is never left behind by a finished run."""
+def discard_unpublished(run: ClipRun, records: dict[str, dict[str, Any]]) -> bool:
+    """Remove the version ``index_save`` staged if ``publish`` did not make it live and will not retry it
+    (rejected, timed out, not run). One whose ``publish`` failed is kept (returns True), so clearing
+    ``publish`` retries the publish, not the build; the DAG's next ``index_save`` removes it. Not one
+    that lost to a rollback or a newer version: there is nothing to retry."""
+    publish = records["publish"]
+    if publish["status"] == "failed" and not lost_race(publish["message"]):
+        return True
     staging = records["index_save"]["facts"].get("staging")
     if staging and records["publish"]["status"] != "ok" and Path(staging).exists():
         log.info("Discarding the unpublished staged version %s", staging)
         run.publisher.discard(staging)
+    return False
 
 
 def published_message(result_data: dict[str, Any]) -> str:
@@ -196,10 +215,15 @@ def register(run: ClipRun) -> dict[str, Any]:
             return recorded
     if records["download"]["status"] == "skipped":
         raise NothingToDo(records["download"]["message"])
-    discard_unpublished(run, records)
+    kept = discard_unpublished(run, records)
     failure = first_failure(records)
     downloaded, embedded, staged = (records[s]["facts"] for s in ("download", "embed", "index_save"))
     saved = records["publish"]["facts"]  # what is live after this run: published, or unchanged
+    live = live_version(run.publisher, run.index_type) if failure else None
+    late_failure = None
+    if failure and failure[0] == "publish" and staged.get("version") and live == staged["version"]:
+        late_failure, failure = failure[1], None  # the swap happened, then publish failed: the row says it is live
+        saved = {"version": live, "path": str(run.publisher.live_path(run.index_type)), "count": staged.get("count")}
     result_data = {
         "index_type": run.index_type,
         "source_prefix": run.prefix,
@@ -230,14 +254,19 @@ def register(run: ClipRun) -> dict[str, Any]:
     if failure:
         stage, message = failure
         status = "failed"
-        live = run.publisher.current(run.index_type)
         unchanged = f"The live index is unchanged ({'version ' + live if live else 'none published yet'})."
         blocked = approval.blocked_message(records[approval.STAGE]) if stage == approval.STAGE else None
-        if blocked:
+        lost = lost_race(message) if stage == "publish" else None
+        if lost:
+            text = f"{run.index_type} index version {staged.get('version')}: {lost}"
+        elif blocked:
             text = (f"{run.index_type} index version {staged.get('version')} was not published: {blocked}. "
                     f"The staged version was discarded. {unchanged}")
         else:
             text = f"{run.index_type} index rebuild failed at {stage}: {message}. {unchanged}"
+            if kept and stage == "publish":
+                text += (f" The staged version {staged.get('version')} is kept: clearing publish retries "
+                         "publishing it without a rebuild.")
     elif saved.get("unchanged"):
         status = "completed"
         text = (f"{run.index_type} index unchanged, version {saved['version']} stays live: the same "
@@ -245,6 +274,8 @@ def register(run: ClipRun) -> dict[str, Any]:
     else:
         status = "completed"
         text = published_message(result_data)
+        if late_failure:
+            text += f". It is live; the publish task failed after the swap: {late_failure}"
     deploy_id = registry.finish(DEPLOY_TYPE, run.dag_id, run.run_id, status=status, message=text,
                                 result_data=result_data, deployed_by=run.deployed_by)
     if status == "completed":

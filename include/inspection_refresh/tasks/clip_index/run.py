@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -10,11 +11,11 @@ from typing import Any
 
 from inspection_refresh import compose
 from inspection_refresh.config import Settings, get_settings
-from inspection_refresh.publish import Publisher
+from inspection_refresh.live import Releases
+from inspection_refresh.publish import Publisher, PublishError
 from inspection_refresh.runstore import RunStore, run_work_dir
 from inspection_refresh.storage import ObjectInfo, ObjectStorage
 from inspection_refresh.tasks import approval
-from inspection_refresh.tasks.common import read_json
 
 DEPLOY_TYPE = "clip_rebuild"
 PIPELINE = "clip"
@@ -81,6 +82,16 @@ class ClipRun:
     def publisher(self) -> Publisher:
         return compose.index_publisher(self.settings)
 
+    @property
+    def releases(self) -> Releases:
+        """What is live and kept: the release channel in ``channel``/``both`` mode, else the local root.
+        A new one on each use: it memoises its reads, and another host may publish at any time."""
+        return Releases(self.publisher)
+
+    def live_version(self) -> str | None:
+        """The live version of this run's index (the channel's ``current.json`` with a channel)."""
+        return self.releases.current(self.index_type)
+
 
 def source_fingerprint(prefix: str, objects: list[ObjectInfo]) -> str:
     """Identifies an exact set of image objects (key, ETag, size): those a build would read, or did."""
@@ -91,11 +102,18 @@ def source_fingerprint(prefix: str, objects: list[ObjectInfo]) -> str:
 
 
 def published_manifest(run: ClipRun) -> dict[str, Any] | None:
-    path = run.publisher.live_path(run.index_type) / "manifest.json"
-    try:
-        return read_json(path)
-    except (OSError, ValueError):
+    """The live version's ``manifest.json`` (read from the channel with one: this host's root is only a
+    working copy), or ``None`` if nothing is live or it has none. ``StorageError`` if the channel fails."""
+    releases = run.releases
+    version = releases.current(run.index_type)
+    if version is None:
         return None
+    try:
+        raw = releases.read_file(run.index_type, version, "manifest.json")
+        manifest = json.loads(raw) if raw is not None else None
+    except (OSError, ValueError, PublishError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
 
 
 def unchanged_live_index(run: ClipRun, fingerprint: str) -> dict[str, Any] | None:
@@ -103,7 +121,7 @@ def unchanged_live_index(run: ClipRun, fingerprint: str) -> dict[str, Any] | Non
     from inspection_refresh.clip.weights import model_identity
 
     manifest = published_manifest(run)
-    if not manifest or run.publisher.current(run.index_type) is None:
+    if not manifest:
         return None  # nothing published, or a directory from before this package: publish a version
     same_images = manifest.get("source_fingerprint") == fingerprint
     same_model = manifest.get("model_identity") == model_identity(run.model, run.pretrained)

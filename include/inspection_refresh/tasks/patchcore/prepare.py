@@ -12,6 +12,7 @@ from typing import Any
 
 from inspection_refresh import compose
 from inspection_refresh.images import DEFECT_PREFIX, NORMAL_PREFIX, reject_reason
+from inspection_refresh.live import Releases
 from inspection_refresh.publish import PublishError, check_name, describe_pin
 from inspection_refresh.registry import Product, RegistryError
 from inspection_refresh.runtime import PermanentError, finished_run_state
@@ -135,14 +136,23 @@ def _unchanged_live_bank(run: PatchcoreRun, code: str, ok_dir: Path) -> str | No
     Compares the live bank's ``ok/`` with the mirror, and its ``bank_config.json`` with the
     requested settings as publishing validates them, plus the coreset size. A run with another
     build script than the default always builds: nothing records which script built the live bank.
+    The live version is the release channel's with one (another worker may have published it); it is
+    compared through this worker's kept copy of it, and a worker without one builds.
     """
     from inspection_refresh.patchcore.bank import CONFIG_FILE, validate_bank
     from inspection_refresh.patchcore.options import BankValidationError
 
-    version = run.publisher.current(code)
-    live = run.publisher.live_path(code)
+    releases = Releases(run.publisher)
+    version = releases.current(code)
     other_script = str(run.script_path) != allowed_scripts(run.settings)[0]
-    if version is None or other_script or _images_fingerprint(live / "ok") != _images_fingerprint(ok_dir):
+    if version is None or other_script:
+        return None
+    live = releases.local_copy(code, version)
+    if live is None:
+        log.info("Product %s: the live bank %s (the release channel's) is not kept on this worker, so it cannot "
+                 "be compared; building", code, version)
+        return None
+    if _images_fingerprint(live / "ok") != _images_fingerprint(ok_dir):
         return None
     try:
         validate_bank(live, run.expected_config())

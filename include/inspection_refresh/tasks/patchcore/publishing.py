@@ -3,22 +3,44 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
-from inspection_refresh.files import copy_tree_linked
+from inspection_refresh.files import copy_tree_linked, tree_files
+from inspection_refresh.publish import new_version_id
 from inspection_refresh.runstore import RunFileMissing, RunStore
 from inspection_refresh.runtime import refuse_publishing_if_run_ended
 from inspection_refresh.storage import SYNC_STATE_FILE
 from inspection_refresh.tasks import approval
 from inspection_refresh.tasks.common import read_json
 from inspection_refresh.tasks.patchcore.build import last_error_line, materialise, parse_build_summary, read_build_log
-from inspection_refresh.tasks.patchcore.run import BANK_DIR, PatchcoreRun, stage_record
+from inspection_refresh.tasks.patchcore.run import BANK_DIR, INVENTORY, PatchcoreRun, stage_record
 from inspection_refresh.tasks.stages import record_stage
 
 log = logging.getLogger(__package__)  # the pipeline's one logger, named as before it was split
+
+BANK_VERSION = "bank-version.json"
+"""In a product's run store: the version its first publish try chose, so that every try names the same one."""
+
+
+def bank_version(store: RunStore, *, choose: bool = False) -> str | None:
+    """The version this run publishes the product's bank as (``choose``: chosen now if no try chose one)."""
+    try:
+        return str(store.read_json(BANK_VERSION)["version"])
+    except RunFileMissing:
+        if not choose:
+            return None
+    version = new_version_id()
+    store.write_json(BANK_VERSION, {"version": version})
+    return version
+
+
+PUBLISH_ADDS = ("ok",)
+"""What ``publish`` adds to a built bank (its normal images, from the mirror): named apart in an approval."""
 
 
 def publish_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any]:
@@ -26,7 +48,9 @@ def publish_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any
 
     The bank comes from the run store (:meth:`RunStore.fetch_dir`): the staging directory the build
     wrote into (``local``), or a new one on this worker filled from the store (``storage``). A failed
-    publish discards it either way.
+    publish keeps the built bank (``local``: its staging directory, which ``register`` leaves too;
+    ``storage``: the store's copy), so clearing ``publish`` retries the publish, not the build. When a
+    person approved the run, the bank must be the one they approved (:func:`bank_target`).
     """
     from inspection_refresh.patchcore.bank import validate_bank
 
@@ -36,18 +60,36 @@ def publish_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any
         prepared = store.read_json("stage-download.json")["facts"]
         # Not approved: NothingToDo (the task is skipped); register discards the staged bank.
         approval.require_approved(run.store, f"the bank of {code}")
-        with store.fetch_dir(BANK_DIR, prepared, lambda: run.publisher.stage(code),
-                             refill=lambda _: materialise(run, code, "ok"), discard=run.publisher.discard,
-                             keep_in_place=False) as staging:
-            facts = validate_bank(staging, run.expected_config())
-            copy_tree_linked(run.mirror_dir(code) / "ok", staging / "ok", ignore=shutil.ignore_patterns(SYNC_STATE_FILE))
-            refuse_publishing_if_run_ended(run.dag_id, run.run_id, f"the bank of {code}")
-            # A manual run replaces a rollback's pin; a scheduled one never publishes over it.
-            release = run.publisher.publish(code, staging, unpin=not run.scheduled)
+        version = bank_version(store, choose=True)
+        release = run.publisher.published(code, version)  # a retry of a try that went live, then failed
+        if release is not None:
+            facts = validate_bank(release.path, run.expected_config())
+        else:
+            with store.fetch_dir(BANK_DIR, prepared, lambda: run.publisher.stage(code),
+                                 refill=lambda _: materialise(run, code, "ok"), discard=run.publisher.discard,
+                                 keep_in_place=True) as staging:
+                approval.require_as_approved(run.store, code, f"the bank of {code}",
+                                             lambda: bank_target(run, code, tree_files(staging, skip=PUBLISH_ADDS)))
+                facts = validate_bank(staging, run.expected_config())
+                shutil.rmtree(staging / "ok", ignore_errors=True)  # what a failed try added; the mirror's now
+                copy_tree_linked(run.mirror_dir(code) / "ok", staging / "ok",
+                                 ignore=shutil.ignore_patterns(SYNC_STATE_FILE))
+                refuse_publishing_if_run_ended(run.dag_id, run.run_id, f"the bank of {code}")
+                # A manual run replaces a rollback's pin; a scheduled one never publishes over it.
+                release = run.publisher.publish(code, staging, version, unpin=not run.scheduled)
         summary = parse_build_summary(read_build_log(run, code)) or {}
         stage.facts = {**summary, **facts, "version": release.version, "path": str(run.publisher.live_path(code))}
         log.info("Product %s: bank version %s published at %s", code, release.version, stage.facts["path"])
         return stage.facts
+
+
+def bank_target(run: PatchcoreRun, code: str, files: dict[str, tuple[int, str]]) -> dict[str, Any]:
+    """What an approval of ``code``'s built bank names (:func:`approval.target`): the sha256 of the bank's
+    files and, as ``ok_images``, of the normal images ``prepare`` recorded (key, ETag, size), which publish
+    adds as ``ok/``. No version: a bank gets it when published."""
+    images = run.product_store(code).read_json(INVENTORY)["ok"]["images"]
+    listed = json.dumps(sorted((i["key"], i["etag"], i["size"]) for i in images)).encode()
+    return approval.target(None, files, ok_images=hashlib.sha256(listed).hexdigest())
 
 
 def _bank_numbers(bank_dir: Path | RunStore) -> dict[str, Any] | None:
@@ -113,7 +155,7 @@ def approval_request(run: PatchcoreRun) -> approval.ApprovalRequest | None:
         listed = run.store.read_json("products.json")
     except RunFileMissing:
         return None
-    built, unchanged, failed = {}, {}, {}
+    built, unchanged, failed, targets = {}, {}, {}, {}
     for product in listed["products"]:
         code = product["product_code"]
         state, detail = _awaiting_publish(run, product)
@@ -122,11 +164,14 @@ def approval_request(run: PatchcoreRun) -> approval.ApprovalRequest | None:
         elif state == "failed":
             failed[code] = detail
         else:
-            bank = _built_bank(run, code, stage_record(run, code, "download"))
+            prepared = stage_record(run, code, "download")
+            bank = _built_bank(run, code, prepared)
             live_version = run.publisher.current(code)
             built[code] = {"live_version": live_version,
                            "before": _bank_numbers(run.publisher.live_path(code)) if live_version else None,
                            "after": _bank_numbers(bank)}
+            targets[code] = bank_target(run, code, run.product_store(code).kept_files(
+                BANK_DIR, prepared["facts"], skip=PUBLISH_ADDS))
     if not built:
         return None
     rows = [[code, numbers["live_version"] or "none",
@@ -151,9 +196,12 @@ def approval_request(run: PatchcoreRun) -> approval.ApprovalRequest | None:
         lines += ["", "⚠ Built with RANDOM backbone weights (demo/test only)."]
     lines += ["", "**Approve** publishes every bank in the table. **Reject** publishes none: each product keeps "
                   "its live bank and the new banks are discarded."]
+    lines += ["", "Approving names each bank by the sha256 of its files ("
+              + ", ".join(f"{code} `{named['sha256'][:16]}…`" for code, named in targets.items())
+              + "): publish refuses any other (e.g. one rebuilt by clearing build)."]
     summary = {"products": built, "failed": failed, "unchanged": unchanged, "pinned": sorted(listed.get("pinned", {})),
                "settings": {"coreset": run.coreset, "shorter": run.shorter, "stride": run.stride,
                             "layers": list(run.layers), "weights": run.weights}}
     subject = (f"Publish PatchCore banks of {', '.join(built)}"
                + (f" ({len(failed)} other product(s) failed)" if failed else ""))
-    return approval.ApprovalRequest(subject=subject, body="\n".join(lines), summary=summary)
+    return approval.ApprovalRequest(subject=subject, body="\n".join(lines), summary=summary, targets=targets)

@@ -10,8 +10,9 @@ from typing import Any
 from inspection_refresh import compose
 from inspection_refresh.publish import describe_pin
 from inspection_refresh.tasks import approval
-from inspection_refresh.tasks.common import recorded_outcome
+from inspection_refresh.tasks.common import live_version, lost_race, recorded_outcome
 from inspection_refresh.tasks.patchcore.build import last_error_line, parse_build_summary, read_build_log
+from inspection_refresh.tasks.patchcore.publishing import bank_version
 from inspection_refresh.tasks.patchcore.run import (
     BUNDLED_SCRIPT, DEPLOY_TYPE, PatchcoreRun, db_configured, read_or_none, stage_record,
 )
@@ -42,6 +43,19 @@ def _product_outcome(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, An
     if blocked and built and (not records["publish"] or records["publish"]["status"] == "skipped"):
         return {**outcome, "status": "failed", "stage": "approve", "error": blocked, "not_approved": True,
                 **{k: summary.get(k) for k in ("bank_size", "feature_dim", "tau", "auroc")}}
+    planned = bank_version(run.product_store(code))
+    if (records["publish"] and records["publish"]["status"] == "failed" and planned
+            and live_version(run.publisher, code) == planned):  # it went live, then the task failed
+        return {**outcome, "status": "published", "version": planned, "path": str(run.publisher.live_path(code)),
+                **{k: summary.get(k) for k in ("bank_size", "feature_dim", "tau", "auroc")},
+                "failed_after_swap": records["publish"]["message"]}
+    lost = lost_race(records["publish"]["message"]) if records["publish"] else None
+    if records["publish"] and records["publish"]["status"] == "failed" and lost:  # a rollback won: nothing to retry
+        return {**outcome, "status": "failed", "stage": "publish", "error": lost}
+    if records["publish"] and records["publish"]["status"] == "failed":  # the built bank stays for a retry
+        return {**outcome, "status": "failed", "stage": "validate/publish", "bank_kept": True,
+                "error": f"{records['publish']['message']} (the built bank is kept: clearing publish retries "
+                         "publishing it without a rebuild)"}
     if records["publish"]:
         return {**outcome, "status": "failed", "stage": "validate/publish", "error": records["publish"]["message"]}
     if summary.get("status") == "ok" or not log_text:
@@ -53,7 +67,9 @@ def _product_outcome(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, An
 
 def _discard_staging(run: PatchcoreRun, code: str) -> None:
     """A failed product's staging directory is never published; remove it now (``local``: with the
-    ``storage`` run store nothing is staged before publish, which discards its own on failure)."""
+    ``storage`` run store nothing is staged before publish, which discards its own on failure). Not
+    called for a failed publish: its built bank is kept for a cleared ``publish`` (the next run's
+    ``prepare`` of the product removes it)."""
     record = stage_record(run, code, "download")
     staging = record["facts"].get("staging") if record else None
     if staging and Path(staging).exists():
@@ -77,7 +93,7 @@ def register(run: PatchcoreRun) -> dict[str, Any]:
     results = {p["product_code"]: _product_outcome(run, p) for p in listed["products"]}
     pinned = listed.get("pinned", {})
     failed = {code: r for code, r in results.items() if r["status"] not in ("published", "unchanged")}
-    for code in failed:
+    for code in (code for code, r in failed.items() if not r.get("bank_kept")):
         _discard_staging(run, code)
     published = [code for code, r in results.items() if r["status"] == "published"]
     if not results and not pinned:
