@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from contextlib import AbstractContextManager
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any
 
 from inspection_refresh.channel import ReleaseChannel
@@ -157,16 +157,14 @@ def deployment_registry(conn_id: str | None = None, settings: Settings | None = 
     """The service's ``deployment_logs`` through Airflow MySQL connection ``conn_id``
     (default ``INSPECTION_DB_CONN_ID``); the connection is opened per statement, never at construction."""
     conn_id = conn_id or (settings or get_settings()).db_conn_id
-    hook: list[Any] = []
 
-    def connect() -> Any:
-        if not hook:
-            from airflow.providers.mysql.hooks.mysql import MySqlHook
+    @cache
+    def hook() -> Any:  # made on first use: building a registry reads no connection
+        from airflow.providers.mysql.hooks.mysql import MySqlHook
 
-            hook.append(MySqlHook(mysql_conn_id=conn_id))
-        return hook[0].get_conn()
+        return MySqlHook(mysql_conn_id=conn_id)
 
-    return DeploymentRegistry(connect, conn_id)
+    return DeploymentRegistry(lambda: hook().get_conn(), conn_id)
 
 
 def run_store(pipeline: str, run_id: str, settings: Settings | None = None, *,
