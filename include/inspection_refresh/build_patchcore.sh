@@ -6,6 +6,8 @@
 #           PATCHCORE_SHORTER, PATCHCORE_STRIDE, PATCHCORE_LAYERS, PATCHCORE_CORESET,
 #           PATCHCORE_SEED, PATCHCORE_WEIGHTS, PATCHCORE_DEVICE, PATCHCORE_BATCH_SIZE,
 #           PATCHCORE_RESERVOIR_MAX, PATCHCORE_PIXEL_PCT, PATCHCORE_IMAGE_PCT,
+#           PATCHCORE_FEATURE_CACHE (this worker's per-image feature cache directory, kept between
+#           builds; a rebuild extracts only new images), PATCHCORE_FEATURE_CACHE_GB (its bound; 0 = off),
 #           PYTHON (interpreter, default python3).
 # Unset optional values take the builder's defaults. stdout ends with one
 # `PATCHCORE_SUMMARY {json}` line; the exit status is non-zero on failure.
@@ -38,6 +40,8 @@ add_option --batch_size PATCHCORE_BATCH_SIZE
 add_option --reservoir_max PATCHCORE_RESERVOIR_MAX
 add_option --pixel_pct PATCHCORE_PIXEL_PCT
 add_option --image_pct PATCHCORE_IMAGE_PCT
+add_option --feature_cache PATCHCORE_FEATURE_CACHE
+add_option --feature_cache_gb PATCHCORE_FEATURE_CACHE_GB
 if [[ -n "${DEFECT_DIRS:-}" ]]; then
     IFS=':' read -r -a defect_dirs <<< "$DEFECT_DIRS"
     for dir in "${defect_dirs[@]}"; do

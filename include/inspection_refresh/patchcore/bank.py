@@ -2,9 +2,10 @@
 
 Files: ``memory_bank.pt`` (``torch.save`` of a float32 ``Tensor[M, D]``),
 ``bank_config.json``, ``tau.json`` (``{"pixel": float, "image": float}``) and
-``score_histogram.png``. Every file is written as ``<name>.tmp`` first and renamed
-into place only when all of them were written, so a failed build never leaves a
-file with a final name behind.
+``score_histogram.png``; the builder adds side files the service does not read
+(``quality.json``, :mod:`.quality`), which publishing copies along. Every file is
+written as ``<name>.tmp`` first and renamed into place only when all of them were
+written, so a failed build never leaves a file with a final name behind.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +30,22 @@ SERVICE_IMAGENET_WEIGHTS = "ResNet50_Weights.IMAGENET1K_V2"
 
 
 def write_bank(out_dir: Path, bank: np.ndarray, config: dict[str, Any], tau: dict[str, float],
-               plot: Callable[[Path], None]) -> list[Path]:
+               plot: Callable[[Path], None], side_files: Mapping[str, Any] | None = None) -> list[Path]:
     """Write the four bank files into ``out_dir`` (created if missing); returns their paths.
 
-    ``plot(path)`` draws the histogram PNG at ``path``. On any error the ``*.tmp``
-    files are removed and nothing under a final name has been replaced.
+    ``plot(path)`` draws the histogram PNG at ``path``. ``side_files``: more JSON files,
+    ``{file name: document}``, written in the same all-or-nothing step. On any error the
+    ``*.tmp`` files are removed and nothing under a final name has been replaced.
     """
     import torch
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staged = {name: out_dir / f"{name}.tmp" for name in BANK_FILES}
+    side_files = dict(side_files or {})
+    staged = {name: out_dir / f"{name}.tmp" for name in (*BANK_FILES, *side_files)}
     try:
+        for name, document in side_files.items():
+            staged[name].write_text(json.dumps(document, indent=2) + "\n")
         torch.save(torch.from_numpy(np.ascontiguousarray(bank, dtype=np.float32)), staged[BANK_FILE])
         staged[CONFIG_FILE].write_text(json.dumps(config, indent=2, sort_keys=False) + "\n")
         staged[TAU_FILE].write_text(json.dumps({"pixel": float(tau["pixel"]), "image": float(tau["image"])}) + "\n")
@@ -50,7 +55,7 @@ def write_bank(out_dir: Path, bank: np.ndarray, config: dict[str, Any], tau: dic
     finally:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
-    return [out_dir / name for name in BANK_FILES]
+    return [out_dir / name for name in staged]
 
 
 def validate_bank(bank_dir: Path | str, expected: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from typing import Any
 
 from inspection_refresh.patchcore.options import OLD_BUILD_BANK_DEFAULTS, BankBuildError, BuildOptions
 from inspection_refresh.patchcore.product import build_product, build_root, run_product
+from inspection_refresh.progress import progress_file_from_env, reporting_progress
 
 __all__ = ["SUMMARY_PREFIX", "build_product", "build_root", "main", "run_product"]
 
@@ -82,6 +83,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--final_coreset", choices=["extend", "fresh"], default=defaults.final_coreset,
                         help="extend: continue the calibration bank's greedy over all patches; fresh: restart it "
                              "(default %(default)s)")
+    parser.add_argument("--feature_cache", default=defaults.feature_cache,
+                        help="directory of the per-image patch-feature cache (kept between builds, safe to delete): "
+                             "a rebuild extracts only images it has not seen; the bank is the same (default: none)")
+    parser.add_argument("--feature_cache_gb", type=float, default=defaults.feature_cache_gb,
+                        help="size bound of --feature_cache, least recently used entries go first; 0 = off "
+                             "(default %(default)s)")
     parser.add_argument("--log_level", default="INFO", help="default %(default)s")
     return parser
 
@@ -111,11 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             reservoir_max=args.reservoir_max, seed=args.seed, pixel_pct=args.pixel_pct, image_pct=args.image_pct,
             weights=args.weights, device=args.device, batch_size=args.batch_size, holdout=args.holdout,
             projection_dim=args.projection_dim, final_coreset=args.final_coreset,
+            feature_cache=args.feature_cache, feature_cache_gb=args.feature_cache_gb,
         )
-        if args.root is not None:
-            summaries = build_root(args.root, options)
-        else:
-            summaries = [run_product(args.ok_dir, args.out_dir, options, args.defect_dir, args.product)]
+        with reporting_progress(progress_file_from_env()):  # the build task relays $PROGRESS_FILE to the console
+            if args.root is not None:
+                summaries = build_root(args.root, options)
+            else:
+                summaries = [run_product(args.ok_dir, args.out_dir, options, args.defect_dir, args.product)]
     except BankBuildError as exc:
         log.error("PatchCore build FAILED: %s", exc)
         return 1

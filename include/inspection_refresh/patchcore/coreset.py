@@ -57,7 +57,7 @@ class KCenterGreedy:
         self.chunk_rows = chunk_rows
 
     def select(self, features: np.ndarray, n: int, progress: _Progress | None = None,
-               initial: np.ndarray | None = None) -> np.ndarray:
+               initial: np.ndarray | None = None, seeds: np.ndarray | None = None) -> np.ndarray:
         """Row indices (``int64 [n]``, in pick order) of ``n`` rows of ``features`` ``[N, D]`` covering the rest.
 
         ``initial`` (optional, ``[m, D]``): points already in the coreset, e.g. a coreset of a
@@ -65,6 +65,11 @@ class KCenterGreedy:
         from all points chosen so far -- and returns the ``n`` *further* picks. Without it the
         first pick is :func:`first_index`. ``n`` is clipped to ``[0 or 1, N]``; ``n == N`` without
         ``initial`` returns ``arange(N)``. Ties go to the lowest index.
+        ``seeds`` (optional): row indices taken as the first picks, in their order (a warm start
+        from an earlier build's picks; duplicates dropped, at most ``n`` kept). The greedy then
+        continues from them (and ``initial``) for the remaining picks, their distances to all seeds
+        computed at once with blocked matrix products rather than one pass per seed; with as many
+        seeds as picks nothing is projected or searched.
         ``progress.update(k)`` is called every 512 picks.
         """
         num_points = int(features.shape[0])
@@ -73,17 +78,26 @@ class KCenterGreedy:
         n = max(0 if initial is not None else 1, min(int(n), num_points))
         if initial is None and n == num_points:
             return np.arange(num_points, dtype=np.int64)
+        seeds = _unique_in_order(seeds, num_points)[:n] if seeds is not None else np.empty(0, dtype=np.int64)
+        if len(seeds) and progress is not None:
+            progress.update(len(seeds))
+        if len(seeds) == n:
+            return seeds.copy()
         points_t = self._project_transposed(features)  # [k, N]
         sq_norms = np.einsum("ij,ij->j", points_t, points_t)
-        if initial is None:
+        centers = [self._project_transposed(initial)] if initial is not None else []
+        centers += [points_t[:, seeds]] if len(seeds) else []
+        if not centers:
             min_dist = np.full(num_points, np.inf, dtype=np.float32)
             current = first_index(num_points, self.seed)
         else:
-            min_dist = _nearest_sq_distances(points_t, sq_norms, self._project_transposed(initial))
+            min_dist = _nearest_sq_distances(points_t, sq_norms, np.concatenate(centers, axis=1))
+            min_dist[seeds] = -1.0  # picked already
             current = int(np.argmax(min_dist))
         dist = np.empty(num_points, dtype=np.float32)
         picked = np.empty(n, dtype=np.int64)
-        for step in range(n):
+        picked[: len(seeds)] = seeds
+        for step in range(len(seeds), n):
             picked[step] = current
             # ||p - c||^2 = ||p||^2 - 2 p.c + ||c||^2 for every p, in one pass over the points.
             np.dot(points_t[:, current] * np.float32(-2.0), points_t, out=dist)
@@ -92,10 +106,10 @@ class KCenterGreedy:
             np.minimum(min_dist, dist, out=min_dist)
             min_dist[current] = -1.0  # picked: never the farthest again, even among duplicates
             current = int(np.argmax(min_dist))
-            if progress is not None and (step + 1) % 512 == 0:
+            if progress is not None and (step + 1 - len(seeds)) % 512 == 0:
                 progress.update(512)
-        if progress is not None and n % 512:
-            progress.update(n % 512)
+        if progress is not None and (n - len(seeds)) % 512:
+            progress.update((n - len(seeds)) % 512)
         return picked
 
     def _project_transposed(self, features: np.ndarray) -> np.ndarray:
@@ -126,3 +140,12 @@ def _nearest_sq_distances(points_t: np.ndarray, sq_norms: np.ndarray, centers_t:
         np.minimum(nearest, products.min(axis=0), out=nearest)
     nearest += sq_norms
     return nearest
+
+
+def _unique_in_order(indices: np.ndarray, num_points: int) -> np.ndarray:
+    """``int64`` copy of ``indices`` without repeats (first occurrence kept); all must be in ``[0, num_points)``."""
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    if len(indices) and (indices.min() < 0 or indices.max() >= num_points):
+        raise ValueError(f"coreset seeds must be row indices in [0, {num_points})")
+    _, first = np.unique(indices, return_index=True)
+    return indices[np.sort(first)]

@@ -110,6 +110,8 @@ class BuildOptions:
     patches (same k-center greedy, fewer picks to search), ``"fresh"`` restarts it.
     ``batch_size``: images per forward pass of same-size images; 0 picks 4 on CPU (about 15 %
     faster per image than one at a time, measured on 512 px images) and 8 on CUDA.
+    ``feature_cache``: directory of the per-image feature cache (:mod:`.feature_cache`; ``""`` = none),
+    bounded to ``feature_cache_gb``: a rebuild extracts only the images it has not seen; the bank is the same.
     """
 
     shorter: int = 512
@@ -126,6 +128,8 @@ class BuildOptions:
     holdout: float = 0.2
     projection_dim: int = 128
     final_coreset: str = "extend"
+    feature_cache: str = ""
+    feature_cache_gb: float = 4.0
 
     def __post_init__(self) -> None:
         self.layers = parse_layers(self.layers)
@@ -153,6 +157,8 @@ class BuildOptions:
             problems.append(f"holdout must be in (0, 1) (got {self.holdout})")
         if self.final_coreset not in ("extend", "fresh"):
             problems.append(f"final_coreset must be extend or fresh (got {self.final_coreset!r})")
+        if not (self.feature_cache_gb >= 0 and math.isfinite(self.feature_cache_gb)):
+            problems.append(f"feature_cache_gb must be >= 0 (got {self.feature_cache_gb}; 0 turns the cache off)")
         if self.projection_dim < 1:
             problems.append(f"projection_dim must be >= 1 (got {self.projection_dim})")
         if problems:

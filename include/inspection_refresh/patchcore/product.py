@@ -4,8 +4,9 @@ Flow for one product (features are extracted once per image and reused):
 
 1. list the normal images of ``ok_dir``; split them (seeded) into a calibration-bank
    set and a held-out set (``holdout``, at least one image each);
-2. extract the calibration-bank images' patches into a bounded reservoir and build a
-   coreset of them (the *calibration bank*);
+2. extract the calibration-bank images' patches into a bounded reservoir (each row
+   remembering its image) and build a coreset of them (the *calibration bank*); score each
+   calibration image against the bank rows of the *other* images (:mod:`.quality`);
 3. extract the held-out images, score their patches against the calibration bank
    (never against their own patches), and add them to the reservoir;
 4. extract any labelled defect images and score them the same way (AUROC, histogram;
@@ -13,7 +14,8 @@ Flow for one product (features are extracted once per image and reused):
 5. tau from the held-out scores; the published bank is a greedy k-center coreset of the
    reservoir, i.e. of all normal images' patches (uniformly subsampled past
    ``reservoir_max``), by default continuing from the calibration bank's centers;
-6. write the bank files atomically (:mod:`.bank`).
+6. list the normal images whose out-of-sample score is above tau (suspected defects) and
+   write the bank files and ``quality.json`` atomically (:mod:`.bank`).
 
 The command line over this is :mod:`.build`.
 """
@@ -54,11 +56,16 @@ def build_product(
     parent's name when ``ok_dir`` is called ``ok``, else ``ok_dir``'s name).
     Returns ``{"product", "status": "completed", "num_images", "num_skipped", "num_defect_images",
     "bank_size", "feature_dim", "tau": {"pixel", "image"}, "auroc" (or None), "seconds", "out_dir",
-    "weights"}``. Raises ``BankBuildError`` with a message naming the file or directory.
+    "weights", "suspected_defects"}`` (see :mod:`.quality`). Raises ``BankBuildError`` with a
+    message naming the file or directory.
     """
     from inspection_refresh.patchcore.bank import write_bank
     from inspection_refresh.patchcore.calibration import image_score, plot_histogram
     from inspection_refresh.patchcore.coreset import KCenterGreedy
+    from inspection_refresh.patchcore.coreset_memory import CoresetMemory, layout_of
+    from inspection_refresh.patchcore.quality import (
+        QUALITY_FILE, leave_one_image_out_distances, log_suspects, quality_record, scores_by_source)
+    from inspection_refresh.patchcore.feature_cache import for_build as open_feature_cache
     from inspection_refresh.patchcore.features import (
         PatchFeatureExtractor, load_resnet50, patch_grid, resolve_device)
     from inspection_refresh.patchcore.reservoir import PatchReservoir
@@ -86,9 +93,22 @@ def build_product(
     extractor = PatchFeatureExtractor(backbone, options.layers, options.stride, copy=False).to(device)
     del backbone
     batch_size = options.batch_size or (8 if device.type == "cuda" else 4)
+    # Features of images seen by an earlier build (same bytes, same extraction) come from disk, unchanged.
+    feature_cache = open_feature_cache(options, weights, extractor.feature_dim, str(device))
+    # The previous build's coreset picks (beside the cache): the greedy searches only for what changed.
+    memory = CoresetMemory.for_build(feature_cache, product, options, tag)
+
+    def layout(held: Any, counts: list[int]) -> Any:  # which image and row each reservoir row is, when known
+        infos = extracted["calibration bank"] + extracted.get("held out", [])
+        return layout_of(held, [feature_cache.keys.get(i.path) for i in infos], counts) if memory else None
 
     def extract(images: list[ImageInfo], stage: str) -> Iterator[np.ndarray]:
-        return _extract(extractor, images, options.shorter, batch_size, device, f"{tag} features ({stage})")
+        def fresh(todo: list[ImageInfo]) -> Iterator[tuple[ImageInfo, np.ndarray]]:
+            return _extract(extractor, todo, options.shorter, batch_size, device, f"{tag} features ({stage})")
+        pairs = feature_cache.through(images, fresh) if feature_cache else fresh(images)
+        return _recorded(pairs, extracted.setdefault(stage, []))
+
+    extracted: dict[str, list[ImageInfo]] = {}  # per stage, the images whose features were yielded, in order
 
     expected = sum(int(np.prod(patch_grid(*info.size, options.layers[0], options.stride))) for info in normals)
     # Patch features wait for the coreset search in a temporary file beside the output (page cache, not
@@ -99,15 +119,28 @@ def build_product(
     sampler = KCenterGreedy(options.projection_dim, options.seed)
 
     # 1. Calibration-bank images -> reservoir -> calibration bank (a coreset of them only).
-    used_calib = 0
+    used_calib, row_counts = 0, []
     for feats in extract(calib, "calibration bank"):
-        reservoir.add(feats)
+        reservoir.add(feats, source=used_calib)  # the row's image: for out-of-sample scoring (.quality)
         used_calib += 1
+        row_counts.append(len(feats))
     if not used_calib:
         raise BankBuildError(f"none of the calibration images in {ok_dir} could be decoded; check the files")
     # Count-mode coresets scale with the share of images, so both banks have the same density.
     calib_size = _coreset_size(options, reservoir.size, used_calib / len(normals))
-    calib_bank = reservoir.features[_select(sampler, reservoir.features, calib_size, f"{tag} coreset (calibration)")]
+    calib_layout = layout(reservoir, row_counts)
+    calib_rows = _select(sampler, reservoir.features, calib_size, f"{tag} coreset (calibration)",
+                         seeds=memory.seeds("calibration", calib_layout) if memory else None)
+    if memory:
+        memory.remember("calibration", calib_layout, calib_rows)
+    calib_bank = reservoir.features[calib_rows]
+    # Each calibration image against the calibration-bank rows of the other images (before held-out rows
+    # can replace its rows in the reservoir): its score out of sample, for the suspected-defect list.
+    quality_started = time.monotonic()
+    calib_oos_scores = scores_by_source(
+        leave_one_image_out_distances(reservoir.features, reservoir.sources, calib_bank,
+                                      reservoir.sources[calib_rows]), reservoir.sources, used_calib)
+    quality_seconds = time.monotonic() - quality_started
     # The service's scoring, against the calibration bank (no tau yet: it is what we calibrate).
     scorer = ReferenceScorer(extractor, calib_bank, options.shorter, device=device, search="matmul")
     # 2. Held-out normals: scored against the calibration bank, then pooled for the final bank.
@@ -115,14 +148,20 @@ def build_product(
     for feats in extract(holdout, "held out"):
         holdout_distances.append(scorer.patch_distances(feats))
         reservoir.add(feats)
+        row_counts.append(len(feats))
     if not holdout_distances:
         raise BankBuildError(f"none of the held-out images in {ok_dir} could be decoded; check the files")
     # 3. Defect images: scored only, never pooled.
     defect_scores = [scorer.score_features(feats) for feats in extract(defects, "defect")]
+    cache_counts = feature_cache.finish(tag) if feature_cache else None  # the "[P] features: n of m ..." line
     calibration = _calibration(options, used_calib, calib_bank.shape[0], holdout_distances, defect_scores)
     # 4. The published bank: a greedy k-center coreset of all normal images' patches.
-    bank = _final_bank(sampler, reservoir.features, calib_bank, _coreset_size(options, reservoir.size, 1.0),
-                       options.final_coreset, f"{tag} coreset (bank)")
+    bank_layout = layout(reservoir, row_counts)
+    bank, bank_rows = _final_bank(sampler, reservoir.features, calib_bank, calib_rows,
+                                  _coreset_size(options, reservoir.size, 1.0), options.final_coreset,
+                                  f"{tag} coreset (bank)", memory.seeds("bank", bank_layout) if memory else None)
+    if memory:
+        memory.remember("bank", bank_layout, bank_rows)
 
     num_images = used_calib + len(holdout_distances)
     config = {
@@ -149,15 +188,28 @@ def build_product(
     del reservoir, scorer
     tau, score_auroc = calibration["tau"], calibration["auroc"]
     normal_scores = [image_score(d) for d in holdout_distances]
+    # Every normal image's out-of-sample score against tau: held-out ones as calibrated, the others above.
+    quality_started = time.monotonic()
+    quality = quality_record(
+        {info.path.name: float(score) for info, score in zip(extracted["calibration bank"], calib_oos_scores)},
+        {info.path.name: score for info, score in zip(extracted["held out"], normal_scores)},
+        tau["image"], quality_seconds + time.monotonic() - quality_started, options.image_pct)
+    config["quality"] = {"method": quality["method"], "images_scored": quality["images_scored"],
+                         "suspected": len(quality["suspected_defects"]), "file": QUALITY_FILE}
+    log_suspects(tag, quality)
     title = f"{product}: held-out image scores" + (f", AUROC {score_auroc:.3f}" if score_auroc is not None else "")
     write_bank(out_dir, bank, config, tau,
-               lambda path: plot_histogram(path, normal_scores, defect_scores, tau["image"], title))
+               lambda path: plot_histogram(path, normal_scores, defect_scores, tau["image"], title),
+               side_files={QUALITY_FILE: quality})
+    if memory:
+        memory.save()
     summary = {
         "product": product, "status": "completed", "num_images": num_images,
         "num_skipped": config["num_skipped_images"], "num_defect_images": len(defect_scores),
         "bank_size": int(bank.shape[0]), "feature_dim": extractor.feature_dim, "tau": tau, "auroc": score_auroc,
         "accuracy_at_tau": calibration["accuracy_at_tau"],
         "seconds": round(time.monotonic() - started, 2), "out_dir": str(out_dir), "weights": weights["name"],
+        "feature_cache": cache_counts, "suspected_defects": quality["suspected_defects"],
     }
     log.info("%s bank of %d x %d written to %s in %.1fs (tau pixel %.4f, image %.4f, AUROC %s)",
              tag, bank.shape[0], bank.shape[1], out_dir, summary["seconds"], tau["pixel"], tau["image"],
@@ -297,16 +349,17 @@ _FINAL_METHODS = {
 
 
 def _select(sampler: Any, features: np.ndarray, size: int, label: str,
-            initial: np.ndarray | None = None) -> np.ndarray:
+            initial: np.ndarray | None = None, seeds: np.ndarray | None = None) -> np.ndarray:
     progress = Progress(label, total=size, unit="picks", logger=log)
-    indices = sampler.select(features, size, progress=progress, initial=initial)
+    indices = sampler.select(features, size, progress=progress, initial=initial, seeds=seeds)
     progress.finish()
     return indices
 
 
-def _final_bank(sampler: Any, features: np.ndarray, calib_bank: np.ndarray, size: int, mode: str,
-                label: str) -> np.ndarray:
-    """``size`` rows covering ``features`` (all normal patches held).
+def _final_bank(sampler: Any, features: np.ndarray, calib_bank: np.ndarray, calib_rows: np.ndarray, size: int,
+                mode: str, label: str, seeds: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``size`` rows covering ``features`` (all normal patches held), and the rows of ``features`` picked
+    (beyond the calibration bank's, with ``extend``); ``seeds``: warm-start rows (:mod:`.coreset_memory`).
 
     ``extend`` keeps the calibration bank (a greedy coreset of the calibration images' patches)
     and continues the same greedy over all patches: the picks are still each the farthest
@@ -315,16 +368,19 @@ def _final_bank(sampler: Any, features: np.ndarray, calib_bank: np.ndarray, size
     the same covering radius as ``fresh`` to three decimals, in about a third of the time).
     """
     if size >= len(features):
-        return features.copy()
+        return features.copy(), np.arange(len(features), dtype=np.int64)
     if mode == "fresh" or len(calib_bank) >= size:
-        return features[_select(sampler, features, size, label)]
-    extra = _select(sampler, features, size - len(calib_bank), label, initial=calib_bank)
-    return np.concatenate([calib_bank, features[extra]])
+        rows = _select(sampler, features, size, label, seeds=seeds)
+        return features[rows], rows
+    if seeds is not None:  # the calibration bank is in already
+        seeds = seeds[~np.isin(seeds, calib_rows)]
+    extra = _select(sampler, features, size - len(calib_bank), label, initial=calib_bank, seeds=seeds)
+    return np.concatenate([calib_bank, features[extra]]), extra
 
 
 def _extract(extractor: Any, images: list[ImageInfo], shorter: int, batch_size: int, device: Any,
-             label: str) -> Iterator[np.ndarray]:
-    """Yield ``float32 [P, D]`` features per decodable image, in order; the next batch is decoded meanwhile.
+             label: str) -> Iterator[tuple[ImageInfo, np.ndarray]]:
+    """Yield ``(info, float32 [P, D] features)`` per decodable image, in order; the next batch is decoded meanwhile.
 
     Consecutive images of equal size share a forward pass (at most ``batch_size``).
     Undecodable files are logged with their name and skipped.
@@ -349,22 +405,30 @@ def _extract(extractor: Any, images: list[ImageInfo], shorter: int, batch_size: 
             progress.update(len(batches[number]) - len(loaded))
             if not loaded:
                 continue
-            for group in _same_shape_runs([array for _, array in loaded]):
-                pixels = torch.from_numpy(np.stack(group)).permute(0, 3, 1, 2)
-                for image_feats in extractor(pixels.to(device)).cpu().numpy():
-                    yield image_feats
+            for group in _same_shape_runs(loaded):
+                pixels = torch.from_numpy(np.stack([array for _, array in group])).permute(0, 3, 1, 2)
+                for (info, _), image_feats in zip(group, extractor(pixels.to(device)).cpu().numpy()):
+                    yield info, image_feats
                     progress.update(1)
     progress.finish()
 
 
-def _same_shape_runs(arrays: list[np.ndarray]) -> Iterator[list[np.ndarray]]:
-    """Consecutive arrays of one shape (a header's size can differ from the decoded one: EXIF, odd files)."""
-    run: list[np.ndarray] = []
-    for array in arrays:
-        if run and run[0].shape != array.shape:
+def _recorded(pairs: Iterator[tuple[ImageInfo, np.ndarray]], infos: list[ImageInfo]) -> Iterator[np.ndarray]:
+    """The features of ``pairs``, appending each one's image to ``infos`` as it is yielded."""
+    for info, feats in pairs:
+        infos.append(info)
+        yield feats
+
+
+def _same_shape_runs(loaded: list[tuple[ImageInfo, np.ndarray]]) -> Iterator[list[tuple[ImageInfo, np.ndarray]]]:
+    """Consecutive (info, array) pairs whose arrays have one shape (a header's size can differ from the
+    decoded one: EXIF, odd files)."""
+    run: list[tuple[ImageInfo, np.ndarray]] = []
+    for pair in loaded:
+        if run and run[0][1].shape != pair[1].shape:
             yield run
             run = []
-        run.append(array)
+        run.append(pair)
     if run:
         yield run
 

@@ -87,6 +87,8 @@ class PatchReservoir:
     ``min(capacity, expected)`` rows so an in-memory buffer never has to grow and be copied.
     ``spill_dir`` (optional): keep the rows in a temporary file in that directory (see the
     module docstring) rather than in memory.
+    Each row also keeps the ``source`` it was added with (:attr:`sources`, e.g. the index of the
+    image it came from), so a coreset of the rows knows which image each of its rows is a patch of.
     """
 
     def __init__(self, capacity: int, dim: int, seed: int = 0, expected: int | None = None,
@@ -100,6 +102,7 @@ class PatchReservoir:
         self._file = FileRows(dim, spill_dir) if spill_dir is not None else None
         self._buffer = (np.empty((min(capacity, expected or 4096), dim), dtype=np.float32)
                         if self._file is None else None)
+        self._sources = np.full(min(capacity, expected or 4096), -1, dtype=np.int32)
 
     @property
     def features(self) -> np.ndarray | FileRows:
@@ -109,15 +112,24 @@ class PatchReservoir:
         return self._buffer[: self.size]
 
     @property
+    def sources(self) -> np.ndarray:
+        """``int32 [size]``: the ``source`` each held row was added with (-1 when none was given)."""
+        return self._sources[: self.size]
+
+    @property
     def sampled(self) -> bool:
         """True once rows have been dropped (more were added than fit)."""
         return self.seen > self.size
 
-    def add(self, rows: np.ndarray) -> None:
-        """Add ``rows`` (``[k, dim]``), in order."""
+    def add(self, rows: np.ndarray, source: int = -1) -> None:
+        """Add ``rows`` (``[k, dim]``), in order; ``source`` (e.g. an image index) is recorded per row."""
         fill = min(self.capacity - self.size, len(rows))
         if fill:
             self._store(self.size, rows[:fill])
+            if self.size + fill > len(self._sources):
+                self._sources = np.concatenate(
+                    [self._sources, np.full(max(fill, len(self._sources) // 2), -1, dtype=np.int32)])
+            self._sources[self.size : self.size + fill] = source
             self.size += fill
             self.seen += fill
         rest = rows[fill:]
@@ -129,6 +141,7 @@ class PatchReservoir:
         # Several rows may draw the same slot: the later one wins, as if added one by one.
         _, last_from_end = np.unique(slots[chosen][::-1], return_index=True)
         chosen = chosen[len(chosen) - 1 - last_from_end]
+        self._sources[slots[chosen]] = source
         if self._file is not None:
             for slot, row in zip(slots[chosen].tolist(), rest[chosen]):
                 self._file.write(slot, row[None])

@@ -47,7 +47,7 @@ def test_outputs_load_as_the_service_loads_them(built: tuple[Path, dict]) -> Non
     assert calibration["num_holdout_images"] == 2 and calibration["num_calibration_bank_images"] == 6
     assert calibration["tau"] == tau and calibration["num_defect_images"] == 3
     assert (out / "score_histogram.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in out.iterdir()) == sorted(BANK_FILES)  # no *.tmp left over
+    assert sorted(p.name for p in out.iterdir()) == sorted((*BANK_FILES, "quality.json"))  # no *.tmp left over
 
     assert summary["status"] == "completed" and summary["product"] == "P0" and summary["num_images"] == 8
     assert summary["tau"] == tau and 0.0 <= summary["auroc"] <= 1.0 and summary["out_dir"] == str(out)

@@ -33,7 +33,7 @@ def test_cli_ok_dir_out_dir(product_dirs: tuple[Path, Path], tmp_path: Path, sub
     (summary,) = summaries(result.stdout)
     assert summary["status"] == "completed" and summary["product"] == "P0" and summary["num_images"] == 8
     assert summary["auroc"] is not None and summary["out_dir"] == str(out)
-    assert sorted(p.name for p in out.iterdir()) == sorted(BANK_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted((*BANK_FILES, "quality.json"))  # + the builder's side file
     facts = validate_bank(out, {"layers": ["layer2", "layer3"], "shorter": 96, "stride": 2})
     assert facts["bank_size"] == summary["bank_size"]
     assert "[P0] features (calibration bank)" in result.stderr  # progress lines go to stderr

@@ -115,3 +115,28 @@ def test_continuing_from_initial_centers_matches_brute_force() -> None:
 
     assert picked.tolist() == expected
     assert KCenterGreedy(projection_dim=32).select(features, 0, initial=initial).shape == (0,)
+
+
+def test_seeded_with_a_greedy_prefix_it_continues_that_greedy() -> None:
+    """Seeds = the first picks of a full greedy: the rest of the picks are the full greedy's (a warm start
+    with nothing changed loses nothing), and the seeds come back first, in their order."""
+    features = np.random.default_rng(5).standard_normal((1500, 200)).astype(np.float32)
+    sampler = KCenterGreedy(projection_dim=32, seed=3)
+    full = sampler.select(features, 60)
+
+    warm = sampler.select(features, 60, seeds=np.concatenate([full[:25], full[:3]]))  # repeats are dropped
+    everything = sampler.select(features, 60, seeds=full[::-1])
+
+    assert warm.tolist() == full.tolist()
+    assert everything.tolist() == full[::-1].tolist()  # as many seeds as picks: returned as they are
+
+
+def test_seeds_after_initial_centers_are_never_picked_again() -> None:
+    features = np.random.default_rng(6).standard_normal((800, 16)).astype(np.float32)
+    seeds = np.array([10, 500, 42])
+    picked = KCenterGreedy(seed=0).select(features, 30, initial=features[:5], seeds=seeds)
+
+    assert picked[:3].tolist() == seeds.tolist()
+    assert len(set(picked.tolist())) == 30
+    with pytest.raises(ValueError, match="row indices"):
+        KCenterGreedy(seed=0).select(features, 30, seeds=np.array([800]))
