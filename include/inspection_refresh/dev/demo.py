@@ -29,6 +29,10 @@ from inspection_refresh.config import get_settings
 
 DEFECT_TYPES = {1: ("SCR", "scratch"), 2: ("HOL", "hole"), 3: ("STN", "stain")}
 IMAGE_SIZE = (1152, 864)  # ~1 MP, like the line cameras' crops
+# Enough for every step to mean something (32 calibration + 8 held-out normals and 12 defects per
+# PatchCore bank) while the demo stays short: 90 normals made the PatchCore DAG alone take 5m50s.
+NORMAL_PER_PRODUCT = 40
+DEFECTS_PER_TYPE = 4
 
 
 @dataclass(frozen=True)
@@ -104,8 +108,8 @@ def sample_objects(products: list[DemoProduct], normal_per_product: int, defects
     yield "images/defect/3_2/corrupt_HOL_9999.jpg", lambda: b"\xff\xd8\xff\xe0 truncated jpeg" + os.urandom(512)
 
 
-def seed_storage(products: list[DemoProduct] = PRODUCTS, normal_per_product: int = 90, defects_per_type: int = 5,
-                 size: tuple[int, int] = IMAGE_SIZE) -> dict[str, int]:
+def seed_storage(products: list[DemoProduct] = PRODUCTS, normal_per_product: int = NORMAL_PER_PRODUCT,
+                 defects_per_type: int = DEFECTS_PER_TYPE, size: tuple[int, int] = IMAGE_SIZE) -> dict[str, int]:
     """Create the bucket and upload the sample objects that are not there yet."""
 
     storage = compose.object_storage()
@@ -193,8 +197,8 @@ def _figure(value: object) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Seed or report on the embedded demo.")
     parser.add_argument("action", choices=["seed", "report"])
-    parser.add_argument("--normal-per-product", type=int, default=90)
-    parser.add_argument("--defects-per-type", type=int, default=5)
+    parser.add_argument("--normal-per-product", type=int, default=NORMAL_PER_PRODUCT)
+    parser.add_argument("--defects-per-type", type=int, default=DEFECTS_PER_TYPE)
     args = parser.parse_args(argv)
     settings = get_settings()
     if args.action == "seed":
