@@ -10,9 +10,11 @@ from datetime import timedelta
 from airflow.sdk import DAG, Asset, Param, get_current_context, task
 from inspection_refresh.config import get_settings
 from inspection_refresh.operators import (
-    APPROVAL_PARAM, PublishApproval, deployment_dag_args, executor_args, queue_args,
+    APPROVAL_PARAM, QUALITY_PARAM, PublishApproval, deployment_dag_args, executor_args, quality_gate_param,
+    queue_args,
 )
-from inspection_refresh.runtime import fail_permanent_errors, fail_unless_completed, run_identity
+from inspection_refresh.runtime import fail_permanent_errors, fail_unless_completed, leave_run_note, run_identity
+from inspection_refresh.schedules import deployment_schedule
 from inspection_refresh.tasks import clip_index as pipeline
 from inspection_refresh.tasks.common import NothingToDo
 
@@ -59,9 +61,17 @@ Rebuilds the **{index_type}** similarity index of the defect-inspection service 
 6. **register** — closes the `deployment_logs` row (`clip_rebuild`) as completed or failed (with the
    approval's decision in `result_data.approval`) and emits the asset event `clip_index_{index_type}`.
 
-A failed run never replaces the live index. Scheduled runs skip the rebuild when the images and the
+A failed run never replaces the live index. A finished run's note (on its page) says in one line what it did,
+also when it published nothing. Scheduled runs (at their cron slots only: unpausing starts no run for a missed
+slot) skip the rebuild when the images and the
 model are unchanged since the published index; set **full_rebuild** to ignore all caches and publish
 anyway. A rolled-back index is pinned: scheduled runs skip it, a manual run that publishes unpins it.
+
+**Quality gate** (param **quality_gate**, default `warn`; scheduled runs: `INSPECTION_QUALITY_GATE`, default
+`approve`): index_save checks the gallery (exact and near-duplicates, images also in the other gallery, product
+outliers) and approve compares the image count with the live index's. `warn` publishes and reports, `approve`
+asks a person (even without require_approval), `block` publishes nothing and fails the run naming what was
+flagged. Findings are in the row (`result_data.quality_gate`), the approval request and the Deployments page.
 """
 
 
@@ -87,16 +97,16 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
         dag_id=f"clip_index_{index_type}",
         description=f"Rebuild and deploy the CLIP {index_type}-image similarity index",
         doc_md=DOC_MD.format(index_type=index_type),
-        schedule=settings.clip_schedule,
+        schedule=deployment_schedule(settings.clip_schedule),  # cron slots, never a missed one on unpausing
         dagrun_timeout=DAGRUN_TIMEOUT,
         **deployment_dag_args(),
         tags=["clip", "faiss", "deployment", index_type],
         params={
-            "prefix": Param(default_prefix, type="string", title="Storage prefix",
+            "prefix": Param(default_prefix, type="string", minLength=1, title="Storage prefix",
                             description="Object-storage prefix holding the images to index."),
-            "model": Param(settings.clip_model, type="string", title="open_clip model",
+            "model": Param(settings.clip_model, type="string", minLength=1, title="open_clip model",
                            description="Must be the model the service embeds queries with."),
-            "pretrained": Param(settings.clip_pretrained, type="string", title="Pretrained weights",
+            "pretrained": Param(settings.clip_pretrained, type="string", minLength=1, title="Pretrained weights",
                                 description="open_clip tag (e.g. openai) or a local checkpoint path."),
             "batch_size": Param(32, type="integer", minimum=1, maximum=1024, title="Batch size"),
             "device": Param("auto", type="string", enum=["auto", "cpu", "cuda"], title="Device",
@@ -106,13 +116,14 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
             "skip_if_unchanged": Param(False, type="boolean", title="Skip if unchanged",
                                        description="Skip the rebuild when images and model are unchanged "
                                                    "since the published index (scheduled runs always do)."),
-            "max_missing_images": Param(0, type="integer", minimum=0, title="Max missing images",
+            "max_missing_images": Param(0, type="integer", minimum=0, maximum=100000, title="Max missing images",
                                         description="Publish even if up to this many images could not be "
                                                     "downloaded after every retry (they are listed in the "
                                                     "deployment record); 0 = all images or no new index."),
             APPROVAL_PARAM: Param(False, type="boolean", title="Require approval",
                                   description="Wait for a person to approve the new index (the approve task's "
                                               "Required actions page) before publishing it."),
+            QUALITY_PARAM: quality_gate_param(settings),
         },
     ) as dag:
 
@@ -149,9 +160,12 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
         @task(trigger_rule="all_done", outlets=[asset], execution_timeout=timedelta(minutes=5), **queue_args(settings))
         def register() -> dict:
             try:
-                outcome = fail_unless_completed(pipeline.register(current_run()))
-            except NothingToDo as skip:
+                outcome = pipeline.register(current_run())
+            except NothingToDo as skip:  # e.g. a scheduled run with unchanged images
+                leave_run_note(get_current_context(), f"Nothing published: {skip}")
                 raise AirflowSkipException(f"No deployment: {skip}") from None
+            leave_run_note(get_current_context(), outcome["message"])
+            fail_unless_completed(outcome)
             get_current_context()["outlet_events"][asset].extra = {
                 k: outcome[k] for k in ("version", "num_images", "embedding_dim", "model", "pretrained", "index_path")
             }
@@ -160,7 +174,8 @@ def build_clip_index_dag(index_type: str, default_prefix: str) -> DAG:
         staged = download() >> embed() >> index_save()
         # Waits only when the run requires approval; its response timeout is set per run (see DOC_MD).
         approve = PublishApproval(task_id="approve", current_run=current_run, summarize=pipeline.approval_request,
-                                  longest_wait=settings.approval_timeout, execution_timeout=timedelta(minutes=5),
+                                  check_quality=pipeline.quality_check, longest_wait=settings.approval_timeout,
+                                  execution_timeout=timedelta(minutes=5),
                                   **queue_args(settings))
         staged >> approve >> publish() >> register()
     return dag

@@ -9,6 +9,7 @@ from datetime import timedelta
 
 from airflow.sdk import DAG, Param, get_current_context, task
 from inspection_refresh.config import get_settings
+from inspection_refresh.notifications import RollbackNotifier
 from inspection_refresh.operators import deployment_dag_args, queue_args
 from inspection_refresh.runtime import fail_permanent_errors, fail_unless_completed, run_identity
 from inspection_refresh.tasks import rollback as pipeline
@@ -23,6 +24,10 @@ Makes a kept version of a published artefact live again and **pins** it, then re
 - **version** — `previous` (the newest kept version older than the live one) or a version id as
   `inspection-publish list` prints it.
 - **unpin** — instead of rolling back, remove the pin: scheduled runs deploy the artefact again.
+
+This DAG is created **unpaused** (it has no schedule, so that starts nothing): a rollback asked for on
+the Deployments page runs at once. Paused on purpose, it is respected: the page then triggers nothing
+and says how to unpause it.
 
 With a release channel (`INSPECTION_PUBLISH_TARGETS` `channel` or `both`) "live" and "kept" mean the
 channel's `current.json` and versions, whichever host asks (the Deployments page of an API server
@@ -45,8 +50,12 @@ with DAG(
     description="Re-publish a kept version of a CLIP index or PatchCore bank and pin it",
     doc_md=DOC_MD,
     schedule=None,
+    # Unpaused from the start: the Deployments page's Roll back must run, and with no schedule nothing
+    # starts by itself. A DAG paused on purpose later is respected: the page then triggers nothing.
+    is_paused_upon_creation=False,
     dagrun_timeout=timedelta(hours=1),
     **deployment_dag_args(),
+    on_success_callback=RollbackNotifier(),  # tells people who rolled back what (when notifications are on)
     tags=["deployment", "rollback", "clip", "patchcore"],
     params={
         "artefact": Param("clip:normal", type="string", minLength=1, title="Artefact",

@@ -11,9 +11,11 @@ from airflow.providers.standard.operators.bash import BashOperator
 from airflow.sdk import DAG, Asset, AssetAlias, Param, get_current_context, task, task_group
 from inspection_refresh.config import get_settings
 from inspection_refresh.operators import (
-    APPROVAL_PARAM, PublishApproval, deployment_dag_args, executor_args, queue_args,
+    APPROVAL_PARAM, QUALITY_PARAM, PublishApproval, deployment_dag_args, executor_args, quality_gate_param,
+    queue_args,
 )
-from inspection_refresh.runtime import fail_permanent_errors, fail_unless_completed, run_identity
+from inspection_refresh.runtime import fail_permanent_errors, fail_unless_completed, leave_run_note, run_identity
+from inspection_refresh.schedules import deployment_schedule
 from inspection_refresh.tasks import patchcore as pipeline
 from inspection_refresh.tasks.common import NothingToDo
 
@@ -56,8 +58,8 @@ Per product (the `product` group is mapped, one row per product code in the UI):
    products whose prepare or build failed (they keep their bank whatever the answer). Reject (or no answer
    within the request's timeout: `INSPECTION_APPROVAL_TIMEOUT_MINUTES`, default 240, never past 20 minutes
    before the run's 8 h `dagrun_timeout`) publishes nothing, discards the new banks and records the run as
-   failed ("rejected by <user>" / "approval timed out"). Otherwise, and when nothing was built, it passes
-   at once.
+   failed ("rejected by <user>" / "approval timed out"). Otherwise it passes at once; when nothing was built
+   (every product unchanged or failed, or no product chosen) it is skipped, saying why.
 4. **publish** — validates the bank (the service's extraction and the requested weights recorded, shapes, finite values,
    sane tau, config as requested) and publishes it
    atomically. A product whose build fails keeps its previous bank; the others still publish. An approved bank
@@ -66,10 +68,18 @@ Per product (the `product` group is mapped, one row per product code in the UI):
 
 **register** writes one `patchcore_create` row in `deployment_logs` with per-product results (and the
 approval's decision in `result_data.approval`), `completed` only if every product published or was unchanged. A product whose normal images and settings are those
-of its live bank is not rebuilt (**prepare** is skipped: "unchanged, version X stays live").
+of its live bank is not rebuilt (**prepare** logs "<product>: unchanged since version X ...; nothing to build" and
+is skipped). The run's note says what it did in one line (e.g. "3 products unchanged, nothing published"). A
+product code in **products** that is no active product fails **list_products** at once, naming the active ones.
 
 Roll back a product with the `deployment_rollback` DAG (artefact = the product code), which also pins it:
 scheduled runs leave a pinned product out until a manual run of this DAG publishes it or it is unpinned.
+
+**Quality gate** (param **quality_gate**, default `warn`; scheduled runs: `INSPECTION_QUALITY_GATE`, default
+`approve`): approve checks each built bank: normal images that score 1.05x tau or more out of sample
+(suspected defects, `quality.json`), held-out AUROC more than 0.05 below the live bank's, image tau outside x0.5-x2 of
+the live one. `warn` publishes and reports, `approve` asks a person, `block` keeps a flagged product's live
+bank (the product is failed "at quality_gate"; the others publish).
 """
 
 settings = get_settings()
@@ -79,20 +89,24 @@ with DAG(
     dag_id="patchcore_memory_bank",
     description="Rebuild and deploy the PatchCore memory bank of each product",
     doc_md=DOC_MD,
-    schedule=settings.patchcore_schedule,
+    schedule=deployment_schedule(settings.patchcore_schedule),  # cron slots, never a missed one on unpausing
     dagrun_timeout=DAGRUN_TIMEOUT,
     **deployment_dag_args(),
     tags=["patchcore", "anomaly-detection", "deployment"],
     params={
-        "products": Param([], type="array", items={"type": "string"}, title="Products",
-                          description="Product codes or ids to rebuild; empty = every active product."),
+        # type null too: the form then does not mark it required (empty is valid); each code is checked as typed.
+        "products": Param([], type=["array", "null"], items={"type": "string", "pattern": pipeline.PRODUCT_PATTERN},
+                          uniqueItems=True, title="Products",
+                          description="Product codes (e.g. TEX01) or product ids to rebuild, one per line; "
+                                      "empty = every active product. An unknown code fails the run at once, "
+                                      "naming the active products."),
         "coreset": Param(pipeline.BUILD_DEFAULTS.coreset, type="number", exclusiveMinimum=0, title="Coreset size",
                          description="Share of patch features kept in the bank (0-1], or a count above 1."),
         "shorter": Param(pipeline.BUILD_DEFAULTS.shorter, type="integer", minimum=32, maximum=2048, title="Short side (px)"),
         "stride": Param(pipeline.BUILD_DEFAULTS.stride, type="integer", minimum=1, maximum=8, title="Patch stride"),
-        "layers": Param(list(pipeline.BUILD_DEFAULTS.layers), type="array",
+        "layers": Param(list(pipeline.BUILD_DEFAULTS.layers), type="array", minItems=1, uniqueItems=True,
                         items={"type": "string", "enum": list(pipeline.LAYERS)}, title="ResNet-50 layers"),
-        "weights": Param(settings.patchcore_weights, type="string", title="Backbone weights",
+        "weights": Param(settings.patchcore_weights, type="string", minLength=1, title="Backbone weights",
                          description="imagenet (torchvision IMAGENET1K_V2, as the service), a checkpoint path, "
                                      "or random (offline demo only)."),
         "device": Param("auto", type="string", enum=["auto", "cpu", "cuda"], title="Device"),
@@ -104,6 +118,7 @@ with DAG(
                               description="Wait for a person to approve the new banks (the approve task's Required "
                                           "actions page) before publishing them. Scheduled runs wait unless "
                                           "INSPECTION_APPROVE_SCHEDULED_PATCHCORE is false."),
+        QUALITY_PARAM: quality_gate_param(settings),
     },
 ) as dag:
 
@@ -112,7 +127,8 @@ with DAG(
         params = context["params"]
         run_id, scheduled, deployed_by = run_identity(context)
         return pipeline.PatchcoreRun(
-            run_id=run_id, products=tuple(str(p) for p in params["products"]), coreset=float(params["coreset"]),
+            run_id=run_id, products=tuple(str(p) for p in params["products"] or ()),
+            coreset=float(params["coreset"]),
             shorter=int(params["shorter"]), stride=int(params["stride"]), layers=tuple(params["layers"]),
             script=params["script"], weights=params["weights"], device=params["device"],
             scheduled=scheduled, deployed_by=deployed_by, dag_id=context["dag"].dag_id,
@@ -129,6 +145,7 @@ with DAG(
     # One approval for the whole run, once every build has ended (a failed product does not block the others);
     # it waits only when the run requires approval, with a response timeout set per run (see DOC_MD).
     approve = PublishApproval(task_id="approve", current_run=current_run, summarize=pipeline.approval_request,
+                              check_quality=pipeline.quality_check, nothing_to_approve=pipeline.nothing_to_approve,
                               approve_scheduled=settings.approve_scheduled_patchcore,
                               longest_wait=settings.approval_timeout, trigger_rule="all_done",
                               execution_timeout=timedelta(minutes=5), **queue_args(settings))
@@ -190,6 +207,8 @@ with DAG(
 
     @task(trigger_rule="all_done", execution_timeout=timedelta(minutes=5), **queue_args(settings))
     def register() -> dict:
-        return fail_unless_completed(pipeline.register(current_run()))
+        outcome = pipeline.register(current_run())
+        leave_run_note(get_current_context(), outcome["message"])  # e.g. "3 products unchanged, nothing published"
+        return fail_unless_completed(outcome)
 
     product_pipeline.expand(product=list_products()) >> register()

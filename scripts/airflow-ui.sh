@@ -34,8 +34,12 @@ if [ "$(echo "$AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS" | tr '[:upper:]' '
     with AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS=False: user admin, password generated on first start,
     printed below and kept in $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated."
 else
-  sign_in="user admin; its password is printed below on first start and kept in
-    $AIRFLOW_HOME/simple_auth_manager_passwords.json.generated (unless [core] simple_auth_manager_users is set)."
+  # What SimpleAuthManager does: the users of [core] simple_auth_manager_users (default admin:admin) sign in, and
+  # each one's password is generated on its first start and kept in the passwords file, whoever the users are.
+  users="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS:-admin:admin}"
+  passwords_file="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE:-$AIRFLOW_HOME/simple_auth_manager_passwords.json.generated}"
+  sign_in="user(s) $(echo "$users" | sed -E 's/:[^,]*//g; s/,/, /g') ([core] simple_auth_manager_users); a user's
+    password is generated on its first start, printed below and kept in $passwords_file."
 fi
 say "Starting Airflow standalone: $AIRFLOW__API__BASE_URL (ready when it prints \"Airflow is ready\", ~1 min)"
 cat >&2 <<MSG

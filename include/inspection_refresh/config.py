@@ -50,6 +50,17 @@ def _positive_or_none(name: str) -> int | None:
     return count or None
 
 
+QUALITY_GATE_MODES = ("off", "warn", "approve", "block")
+""":data:`inspection_refresh.quality_gate.MODES` (config stays a leaf; a unit test keeps them equal)."""
+
+
+def _quality_gate(value: str) -> str:
+    value = value.strip().lower()
+    if value not in QUALITY_GATE_MODES:
+        raise ValueError(f"INSPECTION_QUALITY_GATE is {value!r}; use one of {', '.join(QUALITY_GATE_MODES)}")
+    return value
+
+
 PUBLISH_TARGETS = ("local", "channel", "both")
 
 
@@ -58,6 +69,16 @@ def _publish_targets(value: str) -> str:
     if value not in PUBLISH_TARGETS:
         raise ValueError(f"INSPECTION_PUBLISH_TARGETS is {value!r}; use one of {', '.join(PUBLISH_TARGETS)}")
     return value
+
+
+def _email_recipients(smtp_conn_id: str | None) -> tuple[str, ...]:
+    """``INSPECTION_NOTIFY_EMAIL_TO``: addresses separated by commas, semicolons or spaces; required
+    when e-mail notifications are on (``INSPECTION_NOTIFY_SMTP_CONN_ID`` set)."""
+    recipients = tuple(a for a in _env("NOTIFY_EMAIL_TO", "").replace(";", ",").replace(" ", ",").split(",") if a)
+    if smtp_conn_id and not recipients:
+        raise ValueError(f"INSPECTION_NOTIFY_SMTP_CONN_ID is {smtp_conn_id!r} but INSPECTION_NOTIFY_EMAIL_TO is "
+                         "empty: set the recipients (comma-separated addresses) or unset the connection id")
+    return recipients
 
 
 @dataclass(frozen=True)
@@ -104,6 +125,17 @@ class Settings:
     approve_scheduled_patchcore: bool = True
     """Scheduled PatchCore runs wait for approval before publishing (``INSPECTION_APPROVE_SCHEDULED_PATCHCORE``):
     a new bank and tau change which parts the line rejects, and nobody chose to deploy a scheduled run."""
+    notify_smtp_conn_id: str | None = None
+    """Airflow connection (type ``smtp``) that e-mails the notifications (``INSPECTION_NOTIFY_SMTP_CONN_ID``): a run
+    failed, an approval is waiting, a rollback happened (:mod:`inspection_refresh.notifications`); ``None``: off."""
+    notify_email_to: tuple[str, ...] = ()
+    """Recipients of the notification e-mails (``INSPECTION_NOTIFY_EMAIL_TO``, comma-separated)."""
+    notify_email_from: str | None = None
+    """Sender of the notification e-mails (``INSPECTION_NOTIFY_EMAIL_FROM``); ``None``: the connection's
+    ``from_email``."""
+    notify_apprise_conn_id: str | None = None
+    """Airflow connection (type ``apprise``) that posts the same notifications to chat (Slack, Teams, ... by its
+    Apprise URL; ``INSPECTION_NOTIFY_APPRISE_CONN_ID``); ``None``: off."""
     run_store: str = "local"
     """Where a run's tasks hand each other files (:class:`inspection_refresh.runstore.RunStore`):
     ``local`` (the run's work directory under ``cache_root``; every task of a run must see that disk)
@@ -122,6 +154,10 @@ class Settings:
     """Download threads of a task that fills its worker's image mirror from a run's inventory (``storage``
     run store: CLIP ``embed``, ``index_save``, ``publish``; PatchCore ``build``, ``publish``); at most
     ``max_transfers``. Not counted in ``transfer_pool`` (``INSPECTION_MIRROR_TRANSFERS``)."""
+    patchcore_feature_cache_gb: float = 4.0
+    """Bound of each worker's PatchCore per-image feature cache (``<cache_root>/patchcore_features``), least
+    recently used entries evicted first; a rebuild extracts only new images (``INSPECTION_PATCHCORE_FEATURE_CACHE_GB``,
+    0 = off)."""
     heavy_pod_gpus: int | None = None
     """GPUs a KubernetesExecutor pod of a heavy task requests (``nvidia.com/gpu``), through its
     ``executor_config``; ``None`` (empty setting, the default) adds no ``executor_config``."""
@@ -138,6 +174,20 @@ class Settings:
     signing_conn_id: str | None = None
     """Airflow connection whose password holds the Ed25519 private key (PEM) that signs every release
     manifest the channel writes (``INSPECTION_SIGNING_CONN_ID``); ``None`` (unset): manifests are unsigned."""
+    quality_gate: str = "approve"
+    """The quality gate of scheduled runs (``INSPECTION_QUALITY_GATE``: off, warn, approve, block; manual runs
+    choose with the DAG param ``quality_gate``, default ``warn``). ``approve``: a scheduled run whose data or
+    result is flagged waits for a person (nobody chose to deploy it); unflagged runs publish unattended."""
+    quality_auroc_drop: float = 0.05
+    """Gate margin: held-out AUROC below the live bank's by more than this (``INSPECTION_QUALITY_AUROC_DROP``)."""
+    quality_tau_factor: float = 2.0
+    """Gate margin: image tau outside [live / f, live x f] (``INSPECTION_QUALITY_TAU_FACTOR``)."""
+    quality_images_lost: float = 0.20
+    """Gate margin: a CLIP index with more than this share of the live one's images fewer
+    (``INSPECTION_QUALITY_IMAGES_LOST``)."""
+    quality_suspect_ratio: float = 1.05
+    """Gate margin: a normal image scoring at least this multiple of tau out of sample flags its bank
+    (``INSPECTION_QUALITY_SUSPECT_RATIO``); images between tau and this are reported, not flagged."""
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -170,18 +220,28 @@ class Settings:
             approval_timeout=timedelta(minutes=float(_env("APPROVAL_TIMEOUT_MINUTES", "240"))),
             approve_scheduled_patchcore=_env("APPROVE_SCHEDULED_PATCHCORE", "true").strip().lower()
             not in ("0", "false", "no", "off"),
+            notify_smtp_conn_id=_env_optional("NOTIFY_SMTP_CONN_ID", None),
+            notify_email_to=_email_recipients(_env_optional("NOTIFY_SMTP_CONN_ID", None)),
+            notify_email_from=_env_optional("NOTIFY_EMAIL_FROM", None),
+            notify_apprise_conn_id=_env_optional("NOTIFY_APPRISE_CONN_ID", None),
             run_store=_env("RUN_STORE", "local").strip().lower(),
             run_store_prefix=_env("RUN_STORE_PREFIX", "airflow-runs/"),
             run_retention_days=float(_env("RUN_RETENTION_DAYS", "14")),
             heavy_queue=_env_optional("HEAVY_QUEUE", None),
             default_queue=_env_optional("DEFAULT_QUEUE", None),
             mirror_transfers=min(max_transfers, max(1, int(_env("MIRROR_TRANSFERS", "4")))),
+            patchcore_feature_cache_gb=max(0.0, float(_env("PATCHCORE_FEATURE_CACHE_GB", "4"))),
             heavy_pod_gpus=_positive_or_none("HEAVY_POD_GPUS"),
             publish_targets=_publish_targets(_env("PUBLISH_TARGETS", "local")),
             channel_prefix=_env("CHANNEL_PREFIX", "deployments/"),
             channel_conn_id=_env_optional("CHANNEL_CONN_ID", None),
             channel_bucket=_env_optional("CHANNEL_BUCKET", None),
             signing_conn_id=_env_optional("SIGNING_CONN_ID", None),
+            quality_gate=_quality_gate(_env("QUALITY_GATE", "approve")),
+            quality_auroc_drop=float(_env("QUALITY_AUROC_DROP", "0.05")),
+            quality_tau_factor=float(_env("QUALITY_TAU_FACTOR", "2.0")),
+            quality_images_lost=float(_env("QUALITY_IMAGES_LOST", "0.20")),
+            quality_suspect_ratio=float(_env("QUALITY_SUSPECT_RATIO", "1.05")),
         )
 
 

@@ -14,9 +14,14 @@ from typing import Any
 
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 
+from inspection_refresh import quality_gate
 from inspection_refresh.config import Settings
+from inspection_refresh.notifications import (
+    ApprovalWaitingNotifier, Notice, RunFailedNotifier, routes_configured, run_link, send,
+)
+from inspection_refresh.progress import format_duration
 from inspection_refresh.runtime import close_open_deployment
-from inspection_refresh.tasks import approval
+from inspection_refresh.tasks import approval, gating
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +96,35 @@ def close_deployment_on_failure(context: Mapping[str, Any]) -> None:
     The register task normally closes the row; this covers runs that fail before it could
     (register itself failing, a dagrun timeout, a deadlock). It never raises: with the
     database still down the error is logged and the DAG's next run closes the row.
+    Then, with notifications on, it tells people (:class:`RunFailedNotifier`: the row's message, a link).
     """
     close_open_deployment(context["dag"].dag_id, context["run_id"],
                           f"failed before recording its outcome: {_failure_reason(context)}")
+    RunFailedNotifier(describe_failure=_failure_reason)(context)  # after closing: it sends the row's message
 
 
 # ----------------------------------------------------------------------------- approval before publishing
 
 APPROVAL_PARAM = "require_approval"
 """The DAG param that makes a manual run wait for a person's approval before publishing."""
+QUALITY_PARAM = gating.QUALITY_PARAM
+"""The DAG param choosing a manual run's quality gate mode (:mod:`inspection_refresh.quality_gate`)."""
 APPROVAL_PUBLISH_MARGIN = timedelta(minutes=20)
 """Time left, after the approval request times out, for publishing and recording before the
 run's ``dagrun_timeout``: the request's own timeout, not the run's, ends an unanswered wait."""
 APPROVAL_MIN_WAIT = timedelta(minutes=5)
+
+
+def quality_gate_param(settings: Settings) -> Any:
+    """The ``quality_gate`` DAG param: a manual run's gate mode (scheduled runs: ``INSPECTION_QUALITY_GATE``)."""
+    from airflow.sdk import Param
+
+    return Param(gating.MANUAL_DEFAULT, type="string", enum=list(quality_gate.MODES), title="Quality gate",
+                 description="What flagged data (suspected defects among normal images, duplicate or misfiled "
+                             "images, a worse result than the live version) does to this run: off (not checked), "
+                             "warn (publish, report it), approve (ask a person first), block (publish nothing "
+                             "flagged; the live version stays). Scheduled runs use INSPECTION_QUALITY_GATE "
+                             f"({settings.quality_gate}).")
 
 
 def approval_required(params: Mapping[str, Any], scheduled: bool, scheduled_default: bool) -> bool:
@@ -134,6 +155,18 @@ def _required_actions_link(context: Any) -> str:
         return ""
 
 
+def _tell_flagged(context: Any, decision: Any, settings: Settings) -> None:
+    """One notification (when notifications are on) that a run publishes flagged data (gate ``warn``); a
+    blocked run's failure and an approval the gate asks for send their own."""
+    if not routes_configured(settings):
+        return
+    dag_id, run_id = context["dag"].dag_id, context["run_id"]
+    send(Notice(title=f"Publishing flagged data (quality gate warn): {dag_id} {run_id}",
+                text=f"Airflow DAG {dag_id}, run {run_id}, publishes although its quality checks flagged:\n"
+                     + "\n".join(f"- {reason}" for reason in decision.reasons),
+                link=run_link(dag_id, run_id), link_label="The run in Airflow", level="warning"), settings)
+
+
 class PublishApproval(ApprovalOperator):
     """Airflow's approval step (Approve / Reject) before publishing; passes at once when not required.
 
@@ -154,19 +187,57 @@ class PublishApproval(ApprovalOperator):
 
     def __init__(self, *, current_run: Callable[[], Any], summarize: Callable[[Any], Any],
                  approve_scheduled: bool = False, longest_wait: timedelta = timedelta(hours=4),
-                 **kwargs: Any) -> None:
+                 check_quality: Callable[[Any, str], Any] | None = None,
+                 nothing_to_approve: Callable[[Any], str | None] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("subject", "Publish this deployment?")  # replaced by the run's summary
         kwargs.setdefault("retries", 0)  # a retry would ask again: an answer, or its absence, is final
+        kwargs.setdefault("notifiers", [ApprovalWaitingNotifier()])  # called once the request is written
         kwargs.setdefault("response_timeout", longest_wait)
         super().__init__(**kwargs)
         self.current_run = current_run
         self.summarize = summarize
         self.approve_scheduled = approve_scheduled
         self.longest_wait = longest_wait
+        self.check_quality = check_quality
+        self.nothing_to_approve = nothing_to_approve
+        """``nothing_to_approve(run)``: why the run has nothing to approve (the task is skipped), or ``None``."""
+
+    def _quality_gate(self, context: Any, run: Any) -> Any:
+        """The quality gate's decision (``check_quality(run, mode)``, kept in the run store), or ``None``."""
+        if self.check_quality is None:
+            return None
+        try:
+            decision = self.check_quality(run, gating.gate_mode(context["params"], run.scheduled, run.settings))
+        except BaseException as exc:
+            approval.record_decision(run.store, approval.FAILED,
+                                     f"could not check the quality gate: {type(exc).__name__}: {exc}")
+            raise
+        if decision is not None:
+            gating.record_gate(run.store, decision)
+            self.log.info("Quality gate (%s): %s%s", decision.mode, decision.action,
+                          "".join(f"\n  - {reason}" for reason in decision.reasons) or " (nothing flagged)")
+            if decision.action == quality_gate.PUBLISH and decision.findings:  # warn: nobody is asked, so tell
+                _tell_flagged(context, decision, run.settings)
+        return decision
 
     def execute(self, context: Any) -> Any:
         run = self.current_run()
-        if not approval_required(context["params"], run.scheduled, self.approve_scheduled):
+        nothing = self.nothing_to_approve(run) if self.nothing_to_approve else None
+        if nothing:  # skipped, not green: there was nothing to approve (nothing built, or the run failed early)
+            approval.record_decision(run.store, approval.APPROVED, required=False, decision="nothing to approve")
+            from airflow.sdk.exceptions import AirflowSkipException
+
+            raise AirflowSkipException(f"Nothing to approve: {nothing}")
+        gate = self._quality_gate(context, run)
+        if gate is not None and gate.all_blocked:
+            message = "; ".join(gate.blocked.values())
+            approval.record_decision(run.store, approval.BLOCKED, message, required=False, decision="blocked")
+            self.log.warning("Nothing is published (quality gate mode block): %s", message)
+            return {"required": False, "approved": False, "blocked": sorted(gate.blocked)}
+        asked_by_gate = gate is not None and gate.action == quality_gate.ASK
+        if asked_by_gate:
+            self.log.info("Approval required: the quality gate (approve) flagged %s", ", ".join(gate.flagged))
+        elif not approval_required(context["params"], run.scheduled, self.approve_scheduled):
             approval.record_decision(run.store, approval.APPROVED, required=False, decision="not required")
             self.log.info("Approval not required (%s is off): publishing without asking", APPROVAL_PARAM)
             return {"required": False, "approved": True}
@@ -181,15 +252,18 @@ class PublishApproval(ApprovalOperator):
             self.log.info("Approval required, but this run would publish nothing: not asking")
             return {"required": True, "approved": True}
         self.subject, self.body = request.subject, request.body
+        if gate is not None and gate.findings:  # first, where the approver starts reading (the subject stays)
+            self.body = "\n".join([*quality_gate.markdown(gate), "", request.body])
         self.response_timeout = approval_wait(context, self.longest_wait)
         asked_at = datetime.now(timezone.utc)
         # What is approved is named now (version, sha256 of its files): publish refuses anything else.
         approval.record_decision(
             run.store, approval.WAITING, "", required=True, summary=request.summary, targets=request.targets,
-            asked_at=asked_at.isoformat(), timeout=str(self.response_timeout),
+            asked_at=asked_at.isoformat(), timeout=format_duration(self.response_timeout.total_seconds()),
             timeout_at=(asked_at + self.response_timeout).isoformat())
         self.log.info("Waiting up to %s for approval on this task's Required actions page%s:\n%s\n\n%s",
-                      self.response_timeout, _required_actions_link(context), request.subject, request.body)
+                      format_duration(self.response_timeout.total_seconds()), _required_actions_link(context),
+                      request.subject, request.body)
         return super().execute(context)  # writes the request, parks the task in awaiting_input
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:

@@ -289,6 +289,35 @@ class DeploymentRegistry(Database):
                   "WHERE deploy_id = %s AND status IN ('pending', 'running')",
             (fit_message(message), deploy_id)).rowcount > 0
 
+    def report_progress(self, dag_id: str, run_id: str, stage: str, figures: dict[str, Any]) -> bool:
+        """Set ``result_data.progress[stage]`` of this run's row to ``figures``, only while the row is
+        ``running`` (a finished row is never changed); True if a row was updated.
+
+        One UPDATE, no lock: the other stages' figures and keys are kept (JSON_MERGE_PATCH), so
+        concurrent stages (several products' builds) do not overwrite each other.
+        """
+        patch = _json({stage: figures})
+        with self._connection() as conn:
+            return self._run(
+                conn, "UPDATE deployment_logs SET result_data = JSON_SET(COALESCE(result_data, JSON_OBJECT()), "
+                      "'$.progress', JSON_MERGE_PATCH(COALESCE(JSON_EXTRACT(result_data, '$.progress'), "
+                      f"JSON_OBJECT()), %s)) WHERE status = 'running' AND {RUN_KEY_SQL}",
+                (patch, dag_id, run_id)).rowcount > 0
+
+    def running_rows(self, dag_ids: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
+        """Rows still ``running`` of these DAGs, by (DAG id, run id) (read only; newest row of a run wins)."""
+        if not dag_ids:
+            return {}
+        rows = self._execute(
+            "SELECT * FROM deployment_logs WHERE status = 'running' AND "
+            "JSON_UNQUOTE(JSON_EXTRACT(result_data, '$.airflow_dag_id')) IN (" + ", ".join(["%s"] * len(dag_ids))
+            + ") ORDER BY deploy_id", tuple(dag_ids), fetch=True)
+        found = {}
+        for row in map(_decode, rows):
+            data = row.get("result_data") if isinstance(row.get("result_data"), dict) else {}
+            found[(str(data.get("airflow_dag_id")), str(data.get("airflow_run_id")))] = row
+        return found
+
     def history(self, limit: int = 20, deploy_type: str | None = None) -> list[dict[str, Any]]:
         """Newest first, as the service's admin page lists them."""
         where, params = ("WHERE deploy_type = %s", (deploy_type,)) if deploy_type else ("", ())
@@ -332,20 +361,32 @@ class DeploymentRegistry(Database):
 
     def find_by_result_values(self, lookups: list[tuple[str, dict[str, str]]]) -> list[dict[str, Any] | None]:
         """For each ``(deploy_type, {json_path: value})``, the newest row of that type whose ``result_data``
-        has every value at its path (e.g. ``{"$.index_type": "normal", "$.version": V}``), or None.
+        has every value at its path (e.g. ``{"$.index_type": "normal", "$.version": V}``), or None."""
+        return [rows[0] if rows else None for rows in self.newest_by_result_values(lookups, 1)]
+
+    def newest_by_result_values(self, lookups: list[tuple[str, dict[str, str]]],
+                                limit: int = 5) -> list[list[dict[str, Any]]]:
+        """For each ``(deploy_type, {json_path: value})``, up to ``limit`` rows of that type whose
+        ``result_data`` has every value at its path, newest first.
 
         Read only; one connection for all lookups. The paths are passed as parameters, never
         spliced into the SQL.
         """
-        found: list[dict[str, Any] | None] = []
+        found: list[list[dict[str, Any]]] = []
         with self._connection() as conn:
             for deploy_type, matches in lookups:
                 where = "".join(" AND JSON_UNQUOTE(JSON_EXTRACT(result_data, %s)) = %s" for _ in matches)
                 params = [deploy_type] + [item for pair in matches.items() for item in pair]
                 rows = self._run(conn, f"SELECT * FROM deployment_logs WHERE deploy_type = %s{where} "
-                                       "ORDER BY deploy_id DESC LIMIT 1", tuple(params)).rows
-                found.append(_decode(rows[0]) if rows else None)
+                                       "ORDER BY deploy_id DESC LIMIT %s", (*params, max(1, int(limit)))).rows
+                found.append([_decode(row) for row in rows])
         return found
+
+    def utc_offset_seconds(self) -> int:
+        """How far the database session's clock is ahead of UTC: its ``started_at``/``completed_at`` are
+        written in that zone (``NOW()``, ``CURRENT_TIMESTAMP``), without saying which."""
+        rows = self._execute("SELECT TIMESTAMPDIFF(SECOND, UTC_TIMESTAMP(), NOW()) AS seconds_ahead", fetch=True)
+        return int(rows[0]["seconds_ahead"])
 
     def products_by_id(self) -> dict[int, Product]:
         """Every product (active or not) by id, for naming images in index metadata."""

@@ -33,13 +33,36 @@ def is_permanent(exc: BaseException) -> bool:
 
 @contextmanager
 def fail_permanent_errors() -> Iterator[None]:
-    """Turn permanent errors into ``AirflowFailException`` so Airflow does not retry them."""
+    """Turn permanent errors into ``AirflowFailException`` so Airflow does not retry them. A
+    :class:`PermanentError` (bad input: its message says what to do) fails with that line alone."""
     try:
         yield
     except Exception as exc:
+        if isinstance(exc, PermanentError):
+            log.error("%s (not retried: fix the input or configuration)", exc)
+            raise _fail_exception()(f"{exc} (not retried: fix the input or configuration)") from None
         if is_permanent(exc):
             raise _fail_exception()(f"{exc} (not retried: fix the input or configuration)") from exc
         raise
+
+
+RUN_NOTE_KEY = "run_note"
+"""The XCom key of the line a task leaves for its run's note (``inspection_refresh.run_notes`` sets it)."""
+RUN_NOTE_MAX = 1000
+"""Airflow keeps at most this many characters of a run's note."""
+
+
+def leave_run_note(context: Any, text: str) -> str:
+    """Leave ``text`` (shortened to :data:`RUN_NOTE_MAX`) as the note of this task's run, shown on the run's
+    page once it ends: the Task SDK cannot set a note, so it goes as XCom :data:`RUN_NOTE_KEY`, which the
+    plugin's listener copies onto the run. Logged too. Never raises: a note is not worth failing a task."""
+    note = text if len(text) <= RUN_NOTE_MAX else text[:RUN_NOTE_MAX - 1] + "…"
+    log.info("Run note: %s", note)
+    try:
+        context["ti"].xcom_push(key=RUN_NOTE_KEY, value=note)
+    except Exception as exc:
+        log.warning("Could not leave the run note (%s: %s)", type(exc).__name__, exc)
+    return note
 
 
 def fail_unless_completed(outcome: dict[str, Any]) -> dict[str, Any]:

@@ -154,3 +154,102 @@ def test_heavy_tasks_go_to_the_heavy_queue_and_the_rest_to_the_default_one():
     assert {task for task, queue in queues.items() if queue == "gpu"} == heavy
     assert {queue for task, queue in queues.items() if task not in heavy} == {"cpu"}
     assert len(queues) == 2 * 6 + 6 + 2  # every task of every DAG
+
+
+# ------------------------------------------------------------------ schedules: slots, never a missed one
+
+
+def _serialized(dag):
+    """``dag`` as the scheduler sees it: serialized and read back (the timetable through the plugin's registry)."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    return DagSerialization.from_dict(DagSerialization.to_dict(dag))
+
+
+def _run_info(when):
+    """A scheduled run at ``when``, as the scheduler hands it to the timetable."""
+    from airflow.timetables.base import DagRunInfo
+
+    return DagRunInfo.interval(when, when)
+
+
+def _daily_slot_hours_ago(hours: float):
+    """A daily cron whose slot today was ``hours`` ago (to the minute), and that slot."""
+    import pendulum
+
+    slot = pendulum.now("UTC").subtract(minutes=int(hours * 60)).replace(second=0, microsecond=0)
+    return f"{slot.minute} {slot.hour} * * *", slot
+
+
+def test_unpausing_starts_no_run_for_a_missed_slot_and_scheduled_runs_keep_their_slots(monkeypatch):
+    """What the scheduler computes for the next run (the DAG processor re-computes it while the DAG is paused):
+    Airflow's own CronTriggerTimetable offers today's missed slot at once, ours the next slot."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.timetables.trigger import CronTriggerTimetable
+    from inspection_refresh.schedules import SlotsOnlyTimetable
+
+    cron, missed = _daily_slot_hours_ago(3)
+    monkeypatch.setenv("INSPECTION_CLIP_SCHEDULE", cron)
+    dag = _serialized(DagBag(dag_folder=str(REPO / "dags")).dags["clip_index_normal"])
+    assert isinstance(dag.timetable, SlotsOnlyTimetable) and dag.timetable.summary == cron
+    last_run_long_ago = _run_info(missed.subtract(days=10))
+    for last in (last_run_long_ago, None):  # paused for days; or never run
+        assert dag.next_dagrun_info(last_automated_run_info=last).run_after == missed.add(days=1)
+
+    builtin = CronTriggerTimetable(cron, timezone="UTC")  # why: it would start the missed slot's run at once
+    from airflow.timetables.base import TimeRestriction
+
+    restriction = TimeRestriction(earliest=missed.subtract(days=30), latest=None, catchup=False)
+    assert builtin.next_dagrun_info(last_automated_data_interval=last_run_long_ago.data_interval,
+                                    restriction=restriction).run_after == missed
+
+    # Scheduled runs stay at their slots: the next one after a run is the next slot, and a slot reached a
+    # moment ago (the scheduler is a little late) still gets its run.
+    assert dag.next_dagrun_info(last_automated_run_info=_run_info(missed)).run_after == missed.add(
+        days=1)
+    just_now_cron, just_now = _daily_slot_hours_ago(1 / 60)
+    monkeypatch.setenv("INSPECTION_CLIP_SCHEDULE", just_now_cron)
+    dag = _serialized(DagBag(dag_folder=str(REPO / "dags")).dags["clip_index_normal"])
+    yesterday = _run_info(just_now.subtract(days=1))
+    assert dag.next_dagrun_info(last_automated_run_info=yesterday).run_after == just_now
+
+
+@pytest.mark.parametrize(("setting", "expected"), [
+    ("none", None), ("@once", "OnceTimetable"), ("@daily", "SlotsOnlyTimetable"), ("*/15 * * * *", "SlotsOnlyTimetable"),
+])
+def test_every_schedule_setting_gives_a_dag_the_scheduler_can_read(setting, expected, monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+
+    monkeypatch.setenv("INSPECTION_PATCHCORE_SCHEDULE", setting)
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    assert not bag.import_errors
+    dag = _serialized(bag.dags["patchcore_memory_bank"])
+    assert (type(dag.timetable).__name__ if dag.timetable.can_be_scheduled else None) == expected
+
+
+def test_the_trigger_form_refuses_malformed_product_codes_and_bad_ranges_but_not_an_empty_list(dagbag):
+    """What Airflow checks when a run is triggered (the form and the REST API validate the conf against the params):
+    a product code that cannot be one, or a number out of range, is refused before any run starts."""
+    import copy
+
+    from airflow.sdk.definitions.param import ParamValidationError
+
+    dag = dagbag.dags["patchcore_memory_bank"]
+    products = dag.params.get_param("products").schema
+    assert "null" in products["type"]  # the UI marks a param required unless its type allows null
+
+    def validate(conf: dict, of=dag) -> dict:
+        params = copy.deepcopy(of.params)
+        params.update(conf)  # validates each value set
+        return params.validate()
+
+    assert validate({"products": None})["products"] is None and validate({"products": []})["products"] == []
+    assert validate({"products": ["TEX01", "11"]})["products"] == ["TEX01", "11"]
+    for bad in ({"products": ["TEX 01"]}, {"products": ["TEX01;DROP"]}, {"products": [""]},
+                {"coreset": 0}, {"stride": 9}, {"shorter": 16}, {"layers": []}, {"weights": ""}):
+        with pytest.raises(ParamValidationError):
+            validate(bad)
+    clip = dagbag.dags["clip_index_normal"]
+    for bad in ({"batch_size": 0}, {"max_missing_images": -1}, {"prefix": ""}):
+        with pytest.raises(ParamValidationError):
+            validate(bad, clip)

@@ -54,6 +54,8 @@ START_TIMEOUT = 300.0
 """Seeding the demo samples (~40 s) + migrating the metadata DB + standalone's start-up (30-60 s) on 2 busy cores."""
 STOP_TIMEOUT = 60.0
 """The script's stop: SIGTERM, then SIGKILL after INSPECTION_STOP_GRACE_SECONDS (10 s); torch tasks may be running."""
+REST_TIMEOUT = 90
+"""One REST call's limit: on 2 cores shared with torch tasks (and other test sessions) 30 s was seen to run out."""
 TERMINAL_RUN_STATES = {"success", "failed"}
 UI_STATE_LABELS = {"queued": "Queued", "running": "Running", "success": "Success", "failed": "Failed"}
 """Dag-run states as the UI's English locale writes them (``common.json`` ``states``)."""
@@ -118,10 +120,10 @@ class AirflowUI(AirflowUIScript):
         return self._token
 
     def api(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = requests.request(method, f"{self.api_url}{path}", timeout=30,
+        response = requests.request(method, f"{self.api_url}{path}", timeout=REST_TIMEOUT,
                                     headers={"Authorization": f"Bearer {self.token()}"}, **kwargs)
         if response.status_code == 401:  # expired token: once more with a fresh one
-            response = requests.request(method, f"{self.api_url}{path}", timeout=30,
+            response = requests.request(method, f"{self.api_url}{path}", timeout=REST_TIMEOUT,
                                         headers={"Authorization": f"Bearer {self.token(refresh=True)}"}, **kwargs)
         assert response.ok, f"{method} {path}: {response.status_code} {response.text[:500]}"
         return response.json() if response.content else None

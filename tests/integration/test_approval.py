@@ -196,6 +196,7 @@ def first_version_without_approval(clip) -> str:
 def test_an_approved_clip_index_is_published(clip, airflow_api):
     before = first_version_without_approval(clip)
     clip["put"]("images/normal/2/FABR02_OK_900.jpg", jpeg(1, 900))
+    clip["put"]("images/normal/2/corrupt_HOL_9999.jpg", b"\xff\xd8\xff\xe0 not really a jpeg")  # unreadable
 
     with Approver(airflow_api, "clip_index_normal", "alice", "Approve") as approver:
         result = run_dag("clip_index_normal", {"require_approval": True})
@@ -208,8 +209,10 @@ def test_an_approved_clip_index_is_published(clip, airflow_api):
     assert request["subject"].startswith("Publish normal index version ") and "5 images (live: 4)" in request["subject"]
     body = request["body"]
     assert f"replacing the live version `{before}`" in body
-    assert "| Images | 4 | 5 (+1) |" in body, body
-    assert "Images added: 1, removed: 0 (added: FABR02_OK_900.jpg)" in body, body
+    # The counts add up: the unreadable image is neither indexed nor "added".
+    assert "| Indexed images | 4 | 5 (+1) |" in body, body
+    assert "Indexed images: 4 → 5: 1 added, 0 removed (added: FABR02_OK_900.jpg)." in body, body
+    assert "Images: downloaded 6, unreadable 1 (skipped: corrupt_HOL_9999.jpg), indexed 5." in body, body
     assert "**Self-retrieval check: passed** — every one of the 5 images finds itself first" in body, body
     assert approver.response["responded_by"]["name"] == "alice"
 
@@ -350,7 +353,7 @@ def test_an_unanswered_approval_times_out_and_publishes_nothing(clip, airflow_ap
     assert live_version(clip["root"], "normal") is None and not staging_dirs(clip["releases"])
     row = deployment_row(clip["sql"], result.run_id)
     assert row["status"] == "failed"
-    assert "approval timed out: nobody approved or rejected publishing within 0:00:03" in row["result_message"], \
+    assert "approval timed out: nobody approved or rejected publishing within 3s" in row["result_message"], \
         row["result_message"]
     assert "none published yet" in row["result_message"]
 

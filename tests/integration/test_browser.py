@@ -17,7 +17,9 @@ frame), the CLIP normal card (live version, its run, image count, the random-wei
 versions), History (both ``clip_rebuild`` rows, one expanded to its message), Roll back on version 1
 (the console's result names the deployment_rollback run; REST: conf, triggering user, note, audit log),
 reloading the page afterwards (nothing triggered twice), and once the run succeeded: version 1 live and
-pinned, and a ``rollback`` row in History. Phase A's PatchCore run goes on meanwhile, unwaited for.
+pinned ("rolled back by" that run), and a ``rollback`` row in History; then, with deployment_rollback paused
+(it is created unpaused), Roll forward triggers nothing and says so, and "Unpause and roll forward" makes
+version 2 live again. Phase A's PatchCore run goes on meanwhile, unwaited for.
 
 At the end the script is stopped as a user stops it and no Airflow process may be left.
 
@@ -171,13 +173,17 @@ def test_sign_in_is_required(airflow_ui, ui):
     import requests
 
     output = airflow_ui.log_path.read_text()
-    assert "Sign-in: user admin" in output, output[-2000:]
+    assert re.search(r"Sign-in: user(\(s\))? admin\b", output), output[-2000:]
     assert requests.get(f"{airflow_ui.api_url}/api/v2/dags", timeout=30).status_code in (401, 403)
     wrong = requests.post(f"{airflow_ui.api_url}/auth/token", json={"username": ADMIN_USER, "password": "wrong"},
                           timeout=30)
     assert wrong.status_code == 401
     dags = {dag["dag_id"] for dag in airflow_ui.api("GET", "/api/v2/dags", params={"limit": 100})["dags"]}
     assert set(DAG_IDS) <= dags
+    # A fresh installation: every DAG starts paused but deployment_rollback (no schedule), so the Deployments
+    # page's Roll back runs without anyone touching a toggle.
+    paused = {dag_id: airflow_ui.api("GET", f"/api/v2/dags/{dag_id}")["is_paused"] for dag_id in DAG_IDS}
+    assert paused == {**dict.fromkeys(DAG_IDS, True), "deployment_rollback": False}, paused
 
 
 @pytest.mark.parametrize("dag_id", DAG_IDS)
@@ -328,7 +334,8 @@ def test_deployments_page_from_the_browse_menu_shows_what_is_live(airflow_ui, ui
         expect(card.locator("header .badge.live")).to_have_text(f"live {new}")
         expect(card.locator("header .badge.random")).to_have_text("random weights (demo/test)")
         expect(card.locator(".badge.pinned")).to_have_count(0)
-        expect(card.locator(".published a.run-link")).to_have_text(f"{CLIP_DAG} run {second}")
+        expect(card.locator(".live-since a.run-link")).to_have_text(f"{CLIP_DAG} run {second}")
+        expect(card.locator(".live-since")).to_contain_text("published by")
         expect(card.locator('dl.facts dt:text-is("Images") + dd')).to_have_text(str(count))
         kept = card.locator("table.versions tbody tr")
         expect(kept).to_have_count(2)
@@ -434,12 +441,16 @@ def test_after_the_rollback_the_older_version_is_live_and_pinned(airflow_ui, ui)
         expect(card.locator("header .badge.live")).to_have_text(f"live {old}")
         expect(card.locator("header .badge.pinned")).to_be_visible()
         expect(card.locator('dl.facts dt:text-is("Images") + dd')).to_have_text(str(COUNTS[old]))
-        expect(card.locator(".published a.run-link")).to_have_text(f"{CLIP_DAG} run {CONSOLE['first_run']}")
+        # Made live by the rollback run, when it ran; built by the first demo run.
+        expect(card.locator(".live-since a.run-link")).to_have_text(f"{ROLLBACK_DAG} run {run_id}")
+        expect(card.locator(".live-since")).to_contain_text(
+            re.compile(r"^Live since \d{4}-\d\d-\d\d [\d:]{8} UTC,\s+rolled back by"))
+        expect(card.locator(".built a.run-link")).to_have_text(f"{CLIP_DAG} run {CONSOLE['first_run']}")
         expect(card.locator(".pin")).to_contain_text(f"Pinned to {old} by {pin['pinned_by']}")
         expect(card.locator(".pin").get_by_role("button", name="Unpin")).to_be_visible()
         kept = card.locator("table.versions tbody tr")
         expect(kept.filter(has_text=old).locator(".badge.live")).to_be_visible()
-        expect(kept.filter(has_text=new).get_by_role("button", name="Roll back")).to_be_visible()
+        expect(kept.filter(has_text=new).get_by_role("button", name="Roll forward")).to_be_visible()
         ui.screenshot("deployments-live-after-rollback")
 
     with ui.step("deployments-history-rollback"):
@@ -448,12 +459,53 @@ def test_after_the_rollback_the_older_version_is_live_and_pinned(airflow_ui, ui)
         expect(row).to_have_count(1)
         expect(row.locator(":scope > summary")).to_contain_text("rollback")
         expect(row.locator(":scope > summary .status")).to_have_text("completed")
+        expect(row.locator(":scope > summary .what")).to_contain_text("rolled back")  # said while collapsed
+        expect(row.locator(":scope > summary .started")).to_have_text(re.compile(r" UTC$"))
         row.locator(":scope > summary").click()
         expect(row.locator("pre.message")).to_contain_text(f"{CLIP_LABEL} rolled back from {new} to {old} by")
         expect(row.locator(".row-details a.run-link")).to_have_text(f"{ROLLBACK_DAG} run {run_id}")
         ui.screenshot("deployments-history-rollback-row")
         ui.docs_screenshot("deployments-history")
     print(f"after the rollback: {CLIP_LABEL} live {old} ({COUNTS[old]} images), pinned by {pin['pinned_by']}")
+
+
+def test_with_the_rollback_dag_paused_the_page_says_what_to_do_and_triggers_nothing(airflow_ui, ui):
+    """Someone paused deployment_rollback: Roll forward starts nothing and the page says so, with the DAG's page
+    and an "Unpause and roll forward" button; that button unpauses it and rolls forward, which goes live."""
+    from playwright.sync_api import expect
+
+    old, new = _needs("old", "new")
+    airflow_ui.set_paused(ROLLBACK_DAG, True)
+    runs_before = airflow_ui.api("GET", f"/api/v2/dags/{ROLLBACK_DAG}/dagRuns", params={"limit": 100})["total_entries"]
+    with ui.step("deployments-rollback-dag-paused"):
+        ui.open_deployments()
+        kept = _card(ui).locator("table.versions tbody tr").filter(has_text=new)
+        kept.get_by_role("button", name="Roll forward").click()
+        result = ui.console.get_by_role("status")
+        expect(result.get_by_role("heading")).to_have_text(
+            f"Roll forward of {CLIP_LABEL} to {new} was not started: deployment_rollback is paused")
+        expect(result).to_contain_text("Nothing was triggered")
+        expect(result).not_to_contain_text("requested")
+        expect(result.locator("a.dag-link").first).to_have_attribute("href", f"/dags/{ROLLBACK_DAG}")
+        ui.screenshot("deployments-rollback-dag-paused")
+    runs_after = airflow_ui.api("GET", f"/api/v2/dags/{ROLLBACK_DAG}/dagRuns", params={"limit": 100})["total_entries"]
+    assert runs_after == runs_before, (runs_before, runs_after)
+
+    with ui.step("deployments-unpause-and-roll-forward"):
+        result.get_by_role("button", name="Unpause and roll forward").click()
+        result = ui.console.get_by_role("status")
+        expect(result.get_by_role("heading")).to_have_text(f"Roll forward of {CLIP_LABEL} to {new} requested")
+        run_id = result.locator("a.run-link").inner_text().split(" run ", 1)[1].strip()
+        ui.screenshot("deployments-unpaused-roll-forward-requested")
+    assert airflow_ui.api("GET", f"/api/v2/dags/{ROLLBACK_DAG}")["is_paused"] is False
+    airflow_ui.wait_for_run_state(ROLLBACK_DAG, run_id, {"success"}, timeout=RUN_TIMEOUT)
+    assert _index_publisher(airflow_ui).current("normal") == new
+    with ui.step("deployments-after-roll-forward"):
+        ui.open_deployments()
+        card = _card(ui)
+        expect(card.locator("header .badge.live")).to_have_text(f"live {new}")
+        expect(card.locator(".live-since")).to_contain_text(f"rolled forward by {ROLLBACK_DAG} run {run_id}")
+        ui.screenshot("deployments-live-after-roll-forward")
 
 
 def test_stopping_the_ui_leaves_no_airflow_process(airflow_ui):

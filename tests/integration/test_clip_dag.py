@@ -150,14 +150,30 @@ def test_normal_and_defect_runs_with_one_run_id_keep_a_row_each(env):
     assert "defect index rebuild failed" in rows[1]["result_message"]
 
 
-def test_unchanged_images_skip_the_rebuild_visibly(env):
+def run_note(dag_id: str, run_id: str) -> str | None:
+    """The note on the run's page in the UI."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one().note
+
+
+def test_unchanged_images_skip_the_rebuild_visibly(env, caplog):
     seed_normal(env["put"], per_product=2)
-    assert run_dag("clip_index_normal").state == "success"
+    first = run_dag("clip_index_normal")
+    assert first.state == "success"
     version = live_version(env["root"], "normal")
+    assert run_note("clip_index_normal", first.run_id).startswith(f"normal index version {version} published: 4 images")
     rows_before = env["sql"]("SELECT COUNT(*) AS n FROM deployment_logs")[0]["n"]
+    caplog.clear()
     skipped = run_dag("clip_index_normal", {"skip_if_unchanged": True})
     assert skipped.state == "success"
     assert skipped.task_states["download"] == "skipped" and skipped.task_states["register"] == "skipped"
+    why = (f"images under images/normal/ are unchanged since the published normal index (version {version}, "
+           "4 images, same model): skipping the rebuild. Trigger with full_rebuild=true to force one.")
+    assert why in caplog.messages  # download's log says why it skips ...
+    assert run_note("clip_index_normal", skipped.run_id) == f"Nothing published: {why}"  # ... and so does the run
     assert live_version(env["root"], "normal") == version
     assert env["sql"]("SELECT COUNT(*) AS n FROM deployment_logs")[0]["n"] == rows_before
     forced = run_dag("clip_index_normal", {"skip_if_unchanged": True, "full_rebuild": True})

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -74,26 +75,49 @@ def roots(tmp_path, monkeypatch):
 
 
 class AirflowApiStub:
-    """Stands in for Airflow's REST API: records each request, answers with ``reply``."""
+    """Stands in for Airflow's REST API: records each trigger (``requests``) and every other call
+    (``calls``); answers a trigger with ``reply``, ``GET /api/v2/dags/<id>`` with ``paused``, an unpause
+    by clearing it, and ``.../hitlDetails`` with ``hitl_details``."""
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
+        self.calls: list[tuple[str, str]] = []
+        self.paused = False
+        self.hitl_details: list[dict] = []
         self.reply: tuple[int, dict] = (200, {"dag_run_id": "manual__2026-11-28T10:00:00+00:00_AbCd1234",
                                               "dag_id": "deployment_rollback", "state": "queued"})
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
-                body = self.rfile.read(int(self.headers.get("content-length", 0)))
-                stub.requests.append({"path": self.path, "authorization": self.headers.get("authorization"),
-                                      "json": json.loads(body)})
-                status, payload = stub.reply
+            def answer(self, status: int, payload: dict) -> None:
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                if self.path.endswith("/dagRuns/list"):  # the Live page's runs in progress: none
+                    stub.calls.append(("POST", self.path))
+                    return self.answer(200, {"dag_runs": [], "total_entries": 0})
+                stub.requests.append({"path": self.path, "authorization": self.headers.get("authorization"),
+                                      "json": json.loads(body)})
+                self.answer(*stub.reply)
+
+            def do_GET(self) -> None:  # noqa: N802
+                stub.calls.append(("GET", self.path))
+                if "/hitlDetails" in self.path:
+                    self.answer(200, {"hitl_details": stub.hitl_details, "total_entries": len(stub.hitl_details)})
+                else:
+                    self.answer(200, {"dag_id": self.path.rsplit("/", 1)[-1], "is_paused": stub.paused})
+
+            def do_PATCH(self) -> None:  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))))
+                stub.calls.append(("PATCH", self.path))
+                stub.paused = bool(body["is_paused"])
+                self.answer(200, {"dag_id": "deployment_rollback", "is_paused": stub.paused})
 
             def log_message(self, *args) -> None:
                 pass
@@ -184,8 +208,29 @@ def card_html(page: str, label: str) -> str:
 
 
 def rollback_buttons(card: str) -> list[str]:
-    """The versions a card offers a Roll back button for."""
+    """The versions a card offers a Roll back (or Roll forward) button for."""
     return re.findall(r'name="version" value="([^"]+)">\s*<input type="hidden" name="action" value="rollback">', card)
+
+
+def button_labels(card: str) -> dict[str, str]:
+    """Each kept version's button label: ``Roll back`` or ``Roll forward``."""
+    return dict(re.findall(r'name="version" value="([^"]+)">\s*<input type="hidden" name="action" value="rollback">'
+                           r'\s*<button[^>]*>([^<]+)</button>', card))
+
+
+def text_of(html: str, css_class: str) -> str:
+    """The text of the first ``<p class="css_class">`` of ``html``, tags removed, spaces collapsed."""
+    match = re.search(rf'<p class="{css_class}">(.*?)</p>', html, re.S)
+    assert match, f"no {css_class} in {html[:300]}"
+    return " ".join(re.sub(r"<[^>]+>", " ", match.group(1)).split()).replace(" ,", ",")
+
+
+def link_time(publisher: Publisher, name: str) -> str:
+    """When the live link of ``name`` was swapped, as the page writes times."""
+    from datetime import datetime, timezone
+
+    moment = datetime.fromtimestamp(os.lstat(publisher.live_path(name)).st_mtime, timezone.utc)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def csrf_from(page: str) -> str:
@@ -222,7 +267,8 @@ def test_cards_show_the_live_version_kept_versions_pin_and_random_weights(client
     response = client.get("/deployments/", headers=bearer(tokens["alice"]))
     assert response.status_code == 200, response.text
     assert "frame-ancestors 'self'" in response.headers["content-security-policy"]
-    assert "script-src" not in response.headers["content-security-policy"]  # default-src 'none': no scripts
+    policy = response.headers["content-security-policy"]
+    assert "default-src 'none'" in policy and "unsafe-inline" not in policy  # no inline scripts, no other origin
     page = response.text
 
     normal = card_html(page, "clip:normal")
@@ -234,10 +280,15 @@ def test_cards_show_the_live_version_kept_versions_pin_and_random_weights(client
         assert version in normal
     assert "2026-11-01 02:00:00 UTC" in normal
     assert rollback_buttons(normal) == [NORMAL_VERSIONS[2], NORMAL_VERSIONS[0]]  # newest first
-    # Published by the run that built the live version, linked to its Airflow run page.
+    # Made live by the rollback that pinned it (no rollback row: the pin names its run), when the live link
+    # was swapped; built by the run that published it, linked to its Airflow run page.
+    assert text_of(normal, "live-since") == (f"Live since {link_time(published[0], 'normal')}, rolled back by "
+                                             "deployment_rollback run manual__rollback-1 (airflow:alice)")
+    assert 'href="/dags/deployment_rollback/runs/manual__rollback-1"' in normal
     run_id = f"manual__{NORMAL_VERSIONS[1]}"
+    assert text_of(normal, "built") == f"Built 2026-11-02 02:00:05 UTC by clip_index_normal run {run_id}"
     assert f'href="/dags/clip_index_normal/runs/{quote(run_id, safe="")}"' in normal
-    assert "(airflow:alice)" in normal
+    assert button_labels(normal) == {NORMAL_VERSIONS[2]: "Roll forward", NORMAL_VERSIONS[0]: "Roll back"}
     assert "<dd>12</dd>" in normal and "ViT-B-32/openai|open_clip-3.3.0|prep-v1" in normal
     assert "random weights" not in normal
 
@@ -249,8 +300,56 @@ def test_cards_show_the_live_version_kept_versions_pin_and_random_weights(client
     assert "4096 × 1536" in bank and "2.2500 / 1.5000" in bank  # bank size; tau image / pixel
     assert "0.938" in bank and "0.875" in bank  # held-out AUROC, accuracy at tau
     assert f'src="/deployments/artefacts/patchcore/BRKT01/{BANK_VERSIONS[1]}/score_histogram.png"' in bank
-    assert "scheduled__2026-11-06T10" in bank and "(airflow-scheduler)" in bank
-    assert rollback_buttons(bank) == [BANK_VERSIONS[0]]
+    assert text_of(bank, "live-since") == (f"Live since {link_time(published[1], 'BRKT01')}, published by "
+                                           "patchcore_memory_bank run scheduled__2026-11-06T10:00:00+00:00 "
+                                           "(airflow-scheduler)")
+    assert text_of(bank, "built") == "Built 2026-11-06 10:00:07 UTC"  # by the run that made it live: said once
+    assert button_labels(bank) == {BANK_VERSIONS[0]: "Roll back"}
+
+
+def test_cards_name_the_run_that_made_the_live_version_live_and_when(client, tokens, roots, registry):
+    """An "unchanged" run names the live version too: the card still credits the run that published it, and
+    after a rollback (or a roll forward) the rollback's run; "Live since" is when the live link was swapped."""
+    index, _ = roots
+    old, new = NORMAL_VERSIONS[:2]
+    for version, run in ((old, "manual__built-old"), (new, "manual__built-new")):
+        publish_clip(index, "normal", version, clip_manifest(version))
+        registry.finish("clip_rebuild", "clip_index_normal", run, status="completed", deployed_by="airflow:alice",
+                        message=f"normal index version {version} published",
+                        result_data={"index_type": "normal", "version": version, "unchanged": False})
+    published_at = link_time(index, "normal")
+    time.sleep(1.1)  # an unchanged run later: the live link is not touched
+    registry.finish("clip_rebuild", "clip_index_normal", "scheduled__unchanged-1", status="completed",
+                    deployed_by="airflow-scheduler", message=f"normal index unchanged, version {new} stays live",
+                    result_data={"index_type": "normal", "version": new, "unchanged": True})
+
+    def card() -> str:
+        return card_html(client.get("/deployments/", headers=bearer(tokens["alice"])).text, "clip:normal")
+
+    assert text_of(card(), "live-since") == (f"Live since {published_at}, published by clip_index_normal run "
+                                             "manual__built-new (airflow:alice)")
+    assert "scheduled__unchanged-1" not in card()
+
+    def roll(to: str, before: str, run: str) -> None:
+        index.rollback("normal", to, pinned_by="airflow:bob", run_id=run)
+        registry.finish("rollback", "deployment_rollback", run, status="completed", deployed_by="airflow:bob",
+                        message=f"clip:normal rolled back from {before} to {to} by airflow:bob",
+                        result_data={"artefact": "clip:normal", "action": "rollback", "from_version": before,
+                                     "to_version": to})
+
+    roll(old, new, "manual__rollback-back")
+    registry.finish("clip_rebuild", "clip_index_normal", "scheduled__unchanged-2", status="completed",
+                    deployed_by="airflow-scheduler", message=f"normal index unchanged, version {old} stays live",
+                    result_data={"index_type": "normal", "version": old, "unchanged": True})
+    page = card()
+    assert text_of(page, "live-since") == (f"Live since {link_time(index, 'normal')}, rolled back by "
+                                           "deployment_rollback run manual__rollback-back (airflow:bob)")
+    assert text_of(page, "built") == "Built 2026-11-02 02:00:05 UTC by clip_index_normal run manual__built-old"
+    assert button_labels(page) == {new: "Roll forward"}
+
+    roll(new, old, "manual__rollback-forward")
+    assert text_of(card(), "live-since") == (f"Live since {link_time(index, 'normal')}, rolled forward by "
+                                             "deployment_rollback run manual__rollback-forward (airflow:bob)")
 
 
 def test_clip_index_built_with_a_random_checkpoint_gets_the_badge(client, tokens, roots, registry, tmp_path):
@@ -329,8 +428,14 @@ def test_history_is_newest_first_filterable_and_expandable(client, tokens, regis
     assert len(ids) == 3 and ids == sorted(ids, reverse=True)
     first = page.index('id="deploy-')
     assert page.index("clip:normal: V2 → V1") > first  # the rollback row comes first
-    assert page.index("clip:normal: V2 → V1") < page.index("GEAR02 failed") < page.index("normal index, version V1")
+    assert page.index("clip:normal: V2 → V1") < page.index("GEAR02 at build") < page.index("normal index, version V1")
     assert "3 deployments" in page
+    # Collapsed, each row says its outcome; times are UTC.
+    assert [summary_outcome(row) for row in summaries(page)] == [
+        "rolled back clip:normal: V2 → V1",
+        "failed 1 of 2 products failed: GEAR02 at build: out of memory",
+        "published normal index, version V1"]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", started) for started in started_times(page))
     # Details: message, per-product results, result_data, and the Airflow run.
     assert "1 of 2 products failed: GEAR02 at build: out of memory" in page
     assert "<td>BRKT01</td><td>published</td><td>B1</td><td>77</td>" in page
@@ -339,13 +444,70 @@ def test_history_is_newest_first_filterable_and_expandable(client, tokens, regis
     assert "&#34;to_version&#34;: &#34;V1&#34;" in page or '"to_version": "V1"' in page
 
     by_type = client.get("/deployments/history?deploy_type=patchcore_create", headers=bearer(tokens["alice"])).text
-    assert "GEAR02 failed" in by_type and "V2 → V1" not in by_type and "1 deployment<" in by_type
+    assert "GEAR02 at build" in by_type and "V2 → V1" not in by_type and "1 deployment<" in by_type
     assert '<option value="patchcore_create" selected>' in by_type
     by_status = client.get("/deployments/history?status=completed", headers=bearer(tokens["alice"])).text
-    assert "GEAR02 failed" not in by_status and "V2 → V1" in by_status and "version V1" in by_status
+    assert "GEAR02 at build" not in by_status and "V2 → V1" in by_status and "version V1" in by_status
     both = client.get("/deployments/history?status=completed&deploy_type=rollback",
                       headers=bearer(tokens["alice"])).text
     assert "V2 → V1" in both and "version V1" not in both
+
+
+def summaries(page: str) -> list[str]:
+    """Each History row's collapsed line (its ``<summary>``), in page order."""
+    return re.findall(r'<details class="history-row[^"]*" id="deploy-\d+">\s*<summary>(.*?)</summary>', page, re.S)
+
+
+def summary_outcome(summary: str) -> str:
+    """The "What happened" cell of a row's collapsed line, as text."""
+    cell = re.search(r'<span class="what"[^>]*>(.*?)</span>', summary, re.S).group(1)
+    return " ".join(re.sub(r"<[^>]+>", " ", cell).split())
+
+
+def started_times(page: str) -> list[str]:
+    return re.findall(r'<span class="started">([^<]*)</span>', page)
+
+
+def test_history_rows_say_their_outcome_collapsed_and_link_a_waiting_approval(client, tokens, registry,
+                                                                              airflow_api):
+    """Unchanged, rejected and failed rows say so with their message; a run waiting for approval links to its
+    task's Required Actions page in the Airflow UI (mapped or not), as Airflow's HITL API names the task."""
+    registry.finish("clip_rebuild", "clip_index_normal", "scheduled__1", status="completed",
+                    message="normal index unchanged, version V1 stays live: the same 12 images and model",
+                    result_data={"index_type": "normal", "version": "V1", "unchanged": True})
+    registry.finish("clip_rebuild", "clip_index_defect", "manual__2", status="failed",
+                    message="defect index version V9 was not published: rejected by alice. The staged version "
+                            "was discarded.",
+                    result_data={"index_type": "defect", "version": None, "approval": {"status": "rejected"}})
+    registry.finish("patchcore_create", "patchcore_memory_bank", "manual__3", status="failed",
+                    message="the run failed before its register task (closed by the failure callback)")
+    registry.start("clip_rebuild", "clip_index_normal", "manual__4", details={"index_type": "normal"})
+    registry.start("patchcore_create", "patchcore_memory_bank", "manual__5")
+    registry.start("rollback", "deployment_rollback", "manual__6", details={"artefact": "BRKT01"})
+    airflow_api.hitl_details = [
+        {"subject": "Publish normal index version V2?", "task_instance": {
+            "dag_id": "clip_index_normal", "dag_run_id": "manual__4", "task_id": "approve", "map_index": -1}},
+        {"subject": "Publish banks BRKT01?", "task_instance": {
+            "dag_id": "patchcore_memory_bank", "dag_run_id": "manual__5", "task_id": "approve", "map_index": 2}}]
+
+    page = client.get("/deployments/history", headers=bearer(tokens["alice"])).text
+    assert [summary_outcome(row) for row in summaries(page)] == [
+        "running BRKT01",
+        "waiting for approval Approve or reject Publish banks BRKT01?",
+        "waiting for approval Approve or reject Publish normal index version V2?",
+        "failed the run failed before its register task (closed by the failure callback)",
+        "rejected defect index version V9 was not published: rejected by alice. The staged version was discarded.",
+        "unchanged normal index, version V1 stays live (nothing published)"]
+    links = re.findall(r'<a class="required-actions" href="([^"]+)"', page)
+    assert links == ["/dags/patchcore_memory_bank/runs/manual__5/tasks/approve/mapped/2/required_actions",
+                     "/dags/clip_index_normal/runs/manual__4/tasks/approve/required_actions"]
+    assert ("GET", "/api/v2/dags/~/dagRuns/~/hitlDetails?response_received=false&limit=100") in airflow_api.calls
+    assert len(started_times(page)) == 6 and all(t.endswith(" UTC") for t in started_times(page))
+
+    # Without open rows Airflow is not asked.
+    airflow_api.calls.clear()
+    client.get("/deployments/history?status=failed", headers=bearer(tokens["alice"]))
+    assert airflow_api.calls == []
 
 
 def test_history_is_paged(client, tokens, registry, console_database):
@@ -431,8 +593,11 @@ def test_rollback_is_forwarded_to_airflows_rest_api_with_the_users_token(client,
 def test_unpin_and_bank_rollback_are_forwarded_with_a_bearer_token(client, tokens, published, airflow_api):
     page = client.get("/deployments/", headers=bearer(tokens["alice"])).text
     token = csrf_from(page)
-    assert client.post("/deployments/rollback", headers=bearer(tokens["alice"]), data={
-        "artefact": "clip:normal", "action": "unpin", "csrf_token": token}).status_code == 200
+    unpinned = client.post("/deployments/rollback", headers=bearer(tokens["alice"]), data={
+        "artefact": "clip:normal", "action": "unpin", "csrf_token": token})
+    assert unpinned.status_code == 200 and "Unpin of clip:normal requested" in unpinned.text
+    assert "The live version does not change" in unpinned.text
+    assert "scheduled runs\n     may publish a new version of clip:normal again" in unpinned.text
     assert client.post("/deployments/rollback", headers=bearer(tokens["alice"]), data={
         "artefact": "BRKT01", "version": BANK_VERSIONS[0], "csrf_token": token}).status_code == 200
     assert [r["json"]["conf"] for r in airflow_api.requests] == [
@@ -454,11 +619,22 @@ def test_forged_or_pointless_rollbacks_never_reach_airflow(client, tokens, publi
     page = client.get("/deployments/", headers=bearer(tokens["alice"])).text
     good = csrf_from(page)
     form = {"artefact": "clip:normal", "version": NORMAL_VERSIONS[0]}
-    assert client.post("/deployments/rollback", headers=bearer(tokens["alice"]), data=form).status_code == 422
+    # Without its form token: one sentence saying what to do, not FastAPI's validation errors.
+    incomplete = client.post("/deployments/rollback", headers=bearer(tokens["alice"]), data=form)
+    assert incomplete.status_code == 422 and incomplete.json() == {"detail": (
+        "The form is incomplete or has expired (missing: csrf_token): reload the Deployments page and try again.")}
+    page_422 = client.post("/deployments/rollback", headers={**bearer(tokens["alice"]), "Accept": "text/html"},
+                           data=form)
+    assert page_422.status_code == 422 and "<h2>The form is incomplete or has expired" in page_422.text
+    assert "Reload the Deployments page" in page_422.text and "administrator" not in page_422.text
     assert client.post("/deployments/rollback", headers=bearer(tokens["alice"]),
                        data={**form, "csrf_token": "forged"}).status_code == 403
-    assert client.post("/deployments/rollback", headers={**bearer(tokens["alice"]), "Origin": "http://evil.example"},
-                       data={**form, "csrf_token": good}).status_code == 403
+    cross_site = client.post("/deployments/rollback", data={**form, "csrf_token": good},
+                             headers={**bearer(tokens["alice"]), "Origin": "http://evil.example",
+                                      "Accept": "text/html"})
+    assert cross_site.status_code == 403
+    assert "This request came from another site (http://evil.example), not from the Deployments page" in cross_site.text
+    assert "open Browse → Deployments in Airflow itself" in cross_site.text and "administrator" not in cross_site.text
     # Another user's form token does not work either.
     bobs = csrf_from(client.get("/deployments/", headers=bearer(tokens["bob"])).text)
     assert client.post("/deployments/rollback", headers=bearer(tokens["alice"]),
@@ -472,6 +648,38 @@ def test_forged_or_pointless_rollbacks_never_reach_airflow(client, tokens, publi
                                data={"artefact": artefact, "version": version, "csrf_token": good})
         assert response.status_code == 400 and expected in response.text, artefact
     assert airflow_api.requests == []
+
+
+def test_a_paused_rollback_dag_is_not_triggered_and_the_page_says_what_to_do(client, tokens, published, airflow_api):
+    """Someone paused deployment_rollback: a run would sit queued, so nothing is triggered and nothing is said to
+    be "requested"; the page links the DAG's toggle and offers "Unpause and roll back", which does both."""
+    airflow_api.paused = True
+    page = client.get("/deployments/", headers=bearer(tokens["alice"])).text
+    form = {"artefact": "clip:normal", "version": NORMAL_VERSIONS[0], "action": "rollback",
+            "csrf_token": csrf_from(page)}
+    response = client.post("/deployments/rollback", headers=bearer(tokens["alice"]), data=form)
+    assert response.status_code == 409
+    assert (f"Rollback of clip:normal to {NORMAL_VERSIONS[0]} was not started: <code>deployment_rollback</code> "
+            "is paused") in response.text
+    assert "Nothing was triggered" in response.text and "requested" not in response.text
+    assert 'href="/dags/deployment_rollback"' in response.text and "switch its\n     toggle on" in response.text
+    assert ">Unpause and roll back</button>" in response.text
+    assert airflow_api.requests == [] and ("GET", "/api/v2/dags/deployment_rollback") in airflow_api.calls
+
+    unpaused = client.post("/deployments/rollback", headers=bearer(tokens["alice"]),
+                           data={**form, "unpause": "1", "csrf_token": csrf_from(response.text)})
+    assert unpaused.status_code == 200, unpaused.text
+    assert f"Rollback of clip:normal to {NORMAL_VERSIONS[0]} requested" in unpaused.text
+    assert "(after unpausing <code>deployment_rollback</code>)" in unpaused.text
+    assert airflow_api.calls[-1] == ("PATCH", "/api/v2/dags/deployment_rollback?update_mask=is_paused")
+    assert [r["json"]["conf"] for r in airflow_api.requests] == [{"artefact": "clip:normal",
+                                                                   "version": NORMAL_VERSIONS[0]}]
+    # Rolling forward says so.
+    airflow_api.paused = True
+    forward = client.post("/deployments/rollback", headers=bearer(tokens["alice"]),
+                          data={**form, "version": NORMAL_VERSIONS[2]})
+    assert forward.status_code == 409 and ">Unpause and roll forward</button>" in forward.text
+    assert f"Roll forward of clip:normal to {NORMAL_VERSIONS[2]} was not started" in forward.text
 
 
 # --------------------------------------------------------------------------- the plugin

@@ -22,7 +22,7 @@ from inspection_refresh.runtime import PermanentError
 from tests.conftest import _free_port, storage_connection
 from tests.integration.test_console_app import (  # noqa: F401 (fixtures)
     BANK_VERSIONS, NORMAL_VERSIONS, PNG, airflow_api, auth_manager, bearer, card_html, client, clip_manifest,
-    console_database, csrf_from, publish_the_deployments, registry, rollback_buttons, tokens,
+    console_database, csrf_from, publish_the_deployments, registry, rollback_buttons, text_of, tokens,
 )
 
 PREFIX = "deployments/"
@@ -55,15 +55,29 @@ def celery_layout(storage, s3_server, tmp_path, monkeypatch, registry):
     return {"worker": worker, "api_server": api_server, "storage": storage}
 
 
+def pointer_time(channel, name: str) -> str:
+    """When the channel's ``current.json`` of ``name`` moved, as the page writes times."""
+    from datetime import datetime, timezone
+
+    moved = datetime.fromisoformat(channel.pointer(name)["published_at"]).astimezone(timezone.utc)
+    return moved.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def assert_nothing_on_disk(api_server: Path) -> None:
     """The console reads the channel; it never fills the API server's roots."""
     assert not api_server.exists() or not any(p.is_file() for p in api_server.rglob("*"))
 
 
 def test_a_console_without_local_roots_shows_the_channels_cards_and_rolls_back(
-        client, tokens, celery_layout, airflow_api):
+        client, tokens, celery_layout, airflow_api, registry):
     from inspection_refresh.tasks.rollback import RollbackRun, register, resolve_artefact, roll_back
 
+    # A later scheduled run found BRKT01 unchanged: it names the live version, but did not make it live.
+    registry.finish("patchcore_create", "patchcore_memory_bank", "scheduled__2026-11-07T10:00:00+00:00",
+                    status="completed", message=f"BRKT01 unchanged, version {BANK_VERSIONS[1]} stays live",
+                    deployed_by="airflow-scheduler",
+                    result_data={"products": {"BRKT01": {"status": "unchanged", "version": BANK_VERSIONS[1]}}})
+    indexes, banks = compose.index_publisher().channel, compose.patchcore_publisher().channel
     page = client.get("/deployments/", headers=bearer(tokens["alice"]))
     assert page.status_code == 200, page.text
     normal = card_html(page.text, "clip:normal")
@@ -77,6 +91,12 @@ def test_a_console_without_local_roots_shows_the_channels_cards_and_rolls_back(
     assert f"live {BANK_VERSIONS[1]}" in bank and "pinned" not in bank and "random weights (demo/test)" in bank
     assert "4096 × 1536" in bank and "2.2500 / 1.5000" in bank and "0.938" in bank and "0.875" in bank
     assert "(airflow-scheduler)" in bank and rollback_buttons(bank) == [BANK_VERSIONS[0]]
+    # Who made each live and when: the channel's current.json (moved by the rollback that pinned normal).
+    assert text_of(normal, "live-since") == (f"Live since {pointer_time(indexes, 'normal')}, rolled back by "
+                                             "deployment_rollback run manual__rollback-1 (airflow:alice)")
+    assert text_of(bank, "live-since") == (f"Live since {pointer_time(banks, 'BRKT01')}, published by "
+                                           "patchcore_memory_bank run scheduled__2026-11-06T10:00:00+00:00 "
+                                           "(airflow-scheduler)")
     histogram = f"/deployments/artefacts/patchcore/BRKT01/{BANK_VERSIONS[1]}/score_histogram.png"
     assert f'src="{histogram}"' in bank
     response = client.get(histogram, headers=bearer(tokens["alice"]))
@@ -114,6 +134,8 @@ def test_a_console_without_local_roots_shows_the_channels_cards_and_rolls_back(
 
     bank = card_html(client.get("/deployments/", headers=bearer(tokens["alice"])).text, "BRKT01")
     assert f"live {BANK_VERSIONS[0]}" in bank and ">pinned<" in bank and "by alice" in bank
+    assert text_of(bank, "live-since") == (f"Live since {pointer_time(channel, 'BRKT01')}, rolled back by "
+                                           f"deployment_rollback run {run.run_id} (alice)")
     assert rollback_buttons(bank) == [BANK_VERSIONS[1]]
     assert_nothing_on_disk(celery_layout["api_server"])
 

@@ -30,6 +30,30 @@ def env(s3_server, mysql_database, airflow_db, sql, tmp_path, monkeypatch):
         yield env
 
 
+def run_note(dag_id: str, run_id: str) -> str | None:
+    """The note on the run's page in the UI."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one().note
+
+
+def test_an_unknown_product_code_fails_list_products_in_one_line_and_nothing_is_approved(env):
+    result = run_dag("patchcore_memory_bank", {"products": ["TEX01", "NOPE99"]})
+    assert result.state == "failed"
+    assert result.task_states["list_products"] == "failed"
+    assert result.task_states["approve"] == "skipped"  # nothing to approve: not a green success
+    row = env["sql"]("SELECT * FROM deployment_logs WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s",
+                     (result.run_id,))[0]
+    message = row["result_message"]
+    assert row["status"] == "failed" and "\n" not in message and "Traceback" not in message
+    assert message.startswith("no products were built: unknown or inactive product code NOPE99. Active products "
+                              "(code and id, from the products table): TEX01 (11), EMPTY02 (12)"), message
+    assert "PermanentError" not in message and "RANDOM" not in message  # nothing was built with any weights
+    assert run_note("patchcore_memory_bank", result.run_id) == message
+
+
 def test_one_product_fails_the_other_publishes_and_history_says_so(env):
     from inspection_refresh.publish import Publisher
 
@@ -96,6 +120,9 @@ def test_a_failing_build_script_keeps_the_old_bank_and_names_the_error(env, tmp_
     assert result.state == "failed"
     names = {line.split("=", 1)[0] for line in seen_env.read_text().splitlines() if "=" in line}
     assert {"PRODUCT_CODE", "OK_DIR", "OUT_DIR", "PATCHCORE_LAYERS", "PYTHON", "PATH"} <= names
+    # This worker's per-image feature cache (under INSPECTION_CACHE_ROOT, kept between runs) and its bound.
+    assert f"PATCHCORE_FEATURE_CACHE={os.environ['INSPECTION_CACHE_ROOT']}/patchcore_features" in seen_env.read_text()
+    assert "PATCHCORE_FEATURE_CACHE_GB=4" in seen_env.read_text().splitlines()
     assert not [name for name in names if name.startswith("AIRFLOW_CONN")] and "hunter2" not in seen_env.read_text()
     assert result.task_states["product.build[0]"] == "failed"
     row = env["sql"]("SELECT * FROM deployment_logs WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s",
@@ -139,18 +166,30 @@ def test_prepare_fails_for_a_retry_naming_an_image_that_never_downloads(env, s3_
     assert len(list(ok_dir.glob("*.jpg"))) == 7
 
 
-def test_an_unchanged_bank_is_not_rebuilt_and_a_pinned_product_waits_for_a_manual_run(env):
+def test_an_unchanged_bank_is_not_rebuilt_and_a_pinned_product_waits_for_a_manual_run(env, caplog):
     from inspection_refresh.publish import Publisher
     from inspection_refresh.tasks import patchcore as pipeline
 
     params = {"products": ["TEX01"], "shorter": 128}
-    assert run_dag("patchcore_memory_bank", params).state == "success"
+    first = run_dag("patchcore_memory_bank", params)
+    assert first.state == "success"
     publisher = Publisher(env["root"])
     version = publisher.current("TEX01")
+    assert run_note("patchcore_memory_bank", first.run_id).startswith("1 PatchCore bank published: TEX01 (")
 
+    caplog.clear()
     again = run_dag("patchcore_memory_bank", params)
     assert again.state == "success", again.task_states
-    assert [again.task_states[f"product.{t}[0]"] for t in ("prepare", "build", "publish")] == ["skipped"] * 3
+    assert [again.task_states[f"product.{t}[0]"] for t in ("prepare", "build")] == ["skipped"] * 2
+    assert again.task_states["approve"] == "skipped"  # nothing was built, so nothing to approve
+    # publish is skipped before it is even mapped (its approve upstream skipped)
+    assert again.task_states.get("product.publish[0]", again.task_states.get("product.publish")) == "skipped", \
+        again.task_states
+    # prepare's log says why it skips; the run's note says what the run did.
+    assert (f"TEX01: unchanged since version {version} (same 8 normal images and settings); nothing to build"
+            in caplog.messages), caplog.messages
+    assert run_note("patchcore_memory_bank", again.run_id) == (
+        f"1 product unchanged, nothing published; TEX01 unchanged, version {version} stays live")
     row = env["sql"]("SELECT * FROM deployment_logs WHERE JSON_VALUE(result_data, '$.airflow_run_id') = %s",
                      (again.run_id,))[0]
     assert row["status"] == "completed" and f"TEX01 unchanged, version {version} stays live" in row["result_message"]

@@ -126,3 +126,23 @@ def test_a_tree_digest_names_paths_sizes_and_contents():
     for changed in ({**files, "a.json": (2, "cc" * 32)}, {**files, "a.json": (3, "bb" * 32)},
                     {"b/y.pt": files["b/x.pt"], "a.json": files["a.json"]}, {"a.json": files["a.json"]}):
         assert tree_digest(changed) != tree_digest(files)
+
+
+def test_the_clip_request_counts_add_up():
+    from inspection_refresh.tasks.clip_index.publishing import image_changes, image_intake
+
+    urls = [f"https://s3/b/images/normal/1/BRKT01_OK_{i:03d}.jpg" for i in range(3)]
+    assert image_changes(60, 60, [], []) == "Indexed images: 60 → 60: 0 added, 0 removed."
+    assert image_changes(4, 5, urls[:2], urls[2:]) == (
+        "Indexed images: 4 → 5: 2 added, 1 removed (added: BRKT01_OK_000.jpg, BRKT01_OK_001.jpg) "
+        "(removed: BRKT01_OK_002.jpg).")
+    assert image_changes(None, 5, [], []) == "Indexed images: 5 (no index is live yet)."
+    # The request: 61 downloaded, 1 unreadable, 60 indexed (and not "1 added").
+    downloaded = {"files": 61, "num_missing": 0, "num_skipped": 2}
+    embedded = {"unreadable": [["images/defect/7_3/corrupt_HOL_9999.jpg", "cannot identify image"]],
+                "num_unreadable": 1}
+    assert image_intake(downloaded, embedded, 60) == (
+        "Images: downloaded 61, unreadable 1 (skipped: corrupt_HOL_9999.jpg), indexed 60, "
+        "2 other objects skipped (not images).")
+    assert image_intake({"files": 5, "num_missing": 1}, {}, 5) == (
+        "Images: downloaded 5, indexed 5, missing 1 (could not be downloaded).")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 
-from inspection_refresh.progress import Progress
+from inspection_refresh.progress import Progress, progress_file_writer, read_progress_file, reporting_progress
 
 
 class FakeClock:
@@ -81,3 +81,95 @@ def test_no_line_until_a_rate_can_be_measured(caplog):
         clock.now += 1.0
         progress.update(8)
     assert [r.getMessage() for r in caplog.records] == ["embed: 16/100 items (16%), 8.0 items/s, ETA 10s"]
+
+
+def test_the_reporter_gets_exactly_what_each_logged_line_shows(caplog):
+    """Every line logged, the closing one included, reaches the reporter with its own figures; nothing else does."""
+    clock = FakeClock()
+    reports = []
+    progress = Progress("embed", total=100, interval=5.0, logger=logging.getLogger("test.progress"), clock=clock,
+                        reporter=reports.append)
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        clock.now += 30.0
+        progress.update(8)  # warm-up: no line, so no report
+        assert reports == []
+        clock.now += 1.0
+        progress.update(8)  # a line: 16/100 at 8 items/s
+        clock.now += 1.0
+        progress.update(8)  # within the interval: no line, no report
+        clock.now += 10.0
+        progress.update(76)
+        progress.finish()
+    lines = [r.getMessage() for r in caplog.records]
+    assert [r.line for r in reports] == lines
+    running, closing = reports
+    assert (running.label, running.done, running.total, running.unit) == ("embed", 16, 100, "items")
+    assert (running.rate, running.eta_seconds, running.finished) == (8.0, 10.5, False)
+    assert running.line == "embed: 16/100 items (16%), 8.0 items/s, ETA 10s"
+    assert (closing.done, closing.total, closing.finished, closing.eta_seconds) == (100, 100, True, None)
+    assert closing.elapsed_seconds == 42.0 and closing.line.endswith("elapsed 42s")
+
+
+def test_a_failing_reporter_never_stops_the_work(caplog):
+    clock = FakeClock()
+    calls = []
+
+    def broken(report):
+        calls.append(report)
+        raise ConnectionError("database gone")
+
+    progress = Progress("download", total=3, logger=logging.getLogger("test.progress"), clock=clock, reporter=broken)
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        for _ in range(3):
+            clock.now += 6.0
+            progress.update(1)
+        assert progress.finish().startswith("download: 3/3 items (100%)")
+    assert len(calls) == 1  # tried once, then left alone; the lines go on
+    assert any("no longer reported" in r.getMessage() and "database gone" in r.getMessage() for r in caplog.records)
+
+
+def test_progress_made_inside_reporting_progress_reports_there_and_only_there():
+    seen = []
+    with reporting_progress(seen.append):
+        inside = Progress("inside", total=1, logger=logging.getLogger("t"))
+        with reporting_progress(None):  # None keeps the outer reporter
+            nested = Progress("nested", total=1, logger=logging.getLogger("t"))
+    outside = Progress("outside", total=1, logger=logging.getLogger("t"))
+    for progress in (inside, nested, outside):
+        progress.update(1)
+        progress.finish()
+    assert [r.label for r in seen] == ["inside", "nested"]
+
+
+def test_the_progress_file_holds_the_last_report_whole(tmp_path):
+    path = tmp_path / "progress.json"
+    assert read_progress_file(path) is None
+    clock = FakeClock()
+    progress = Progress("extract BRKT01", total=40, unit="images", interval=0.0, logger=logging.getLogger("t"),
+                        clock=clock, reporter=progress_file_writer(path))
+    for _ in range(4):
+        clock.now += 0.5
+        progress.update(10)
+    progress.finish()
+    written = read_progress_file(path)
+    assert written == progress.report()
+    assert (written.done, written.total, written.finished) == (40, 40, True)
+    assert [p.name for p in tmp_path.iterdir()] == ["progress.json"]  # no partial file left behind
+    path.write_text('{"label": "half')  # a torn file (never written so) reads as no report, not an error
+    assert read_progress_file(path) is None
+
+
+def test_no_rate_from_two_updates_a_moment_apart(caplog):
+    """A first batch after a long warm-up, then another a moment later, once said "2477.5 images/s, ETA 0s"."""
+    clock = FakeClock()
+    progress = Progress("embed", total=1000, unit="images", interval=5.0, logger=logging.getLogger("test.progress"),
+                        clock=clock)
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        clock.now += 30.0
+        progress.update(32)
+        clock.now += 0.01
+        progress.update(32)  # 3200 images/s over 10 ms: not a measurement
+        assert not caplog.records
+        clock.now += 3.19
+        progress.update(32)
+    assert [r.getMessage() for r in caplog.records] == ["embed: 96/1000 images (10%), 20.0 images/s, ETA 45s"]

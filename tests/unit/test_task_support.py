@@ -39,9 +39,10 @@ def test_only_errors_a_retry_cannot_fix_are_permanent():
 def test_permanent_errors_fail_without_retry():
     from airflow.sdk.exceptions import AirflowFailException
 
-    with pytest.raises(AirflowFailException, match="no products .*not retried"):
+    with pytest.raises(AirflowFailException, match="no products .*not retried") as failed:
         with fail_permanent_errors():
             raise PermanentError("no products")
+    assert failed.value.__cause__ is None and failed.value.__suppress_context__  # one line, no chained traceback
     with pytest.raises(ConnectionError):
         with fail_permanent_errors():
             raise ConnectionError("retry me")
@@ -85,3 +86,36 @@ def test_the_build_script_environment_has_no_connection_secrets(monkeypatch):
     env = script_environment({"PRODUCT_CODE": "P1"})
     assert env["PRODUCT_CODE"] == "P1" and env["PATH"] == __import__("os").environ["PATH"]
     assert "AIRFLOW_CONN_DEPLOY_DB" not in env and "NCP_SECRET_KEY" not in env
+
+
+def test_a_failed_stage_says_what_the_operator_must_do_without_a_class_name(tmp_path):
+    from inspection_refresh.tasks.stages import failure_message, read_stages, record_stage
+
+    assert failure_message(PermanentError("unknown product code NOPE99")) == "unknown product code NOPE99"
+    assert failure_message(OSError("disk full")) == "OSError: disk full"  # a fault: its kind says what broke
+    with pytest.raises(PermanentError), record_stage(tmp_path, "list_products"):
+        raise PermanentError("unknown product code NOPE99")
+    assert read_stages(tmp_path, ["list_products"])["list_products"]["message"] == "unknown product code NOPE99"
+
+
+def test_an_unknown_product_code_is_named_with_the_known_ones():
+    from inspection_refresh.registry import Product
+    from inspection_refresh.tasks.patchcore.prepare import unknown_products_message
+
+    products = [Product(11, "TEX01", "Textured panel"), Product(12, "EMPTY02", "Nothing uploaded")]
+    assert unknown_products_message(["NOPE99"], products, "products table") == (
+        "unknown or inactive product code NOPE99. Active products (code and id, from the products table): "
+        "TEX01 (11), EMPTY02 (12). Trigger again with some of these, or with products empty for all")
+    assert unknown_products_message(["A1", "B2"], [], "storage folders").startswith(
+        "unknown or inactive product codes A1, B2. Active products (code and id, from the storage folders): none.")
+
+
+def test_a_run_note_is_left_as_xcom_and_shortened_to_what_airflow_keeps():
+    from inspection_refresh.runtime import RUN_NOTE_KEY, RUN_NOTE_MAX, leave_run_note
+
+    pushed = {}
+    ti = SimpleNamespace(xcom_push=lambda key, value: pushed.update({key: value}))
+    assert leave_run_note({"ti": ti}, "1 product unchanged, nothing published") == pushed[RUN_NOTE_KEY]
+    long = leave_run_note({"ti": ti}, "x" * 5000)
+    assert len(long) == RUN_NOTE_MAX and long.endswith("…") and pushed[RUN_NOTE_KEY] == long
+    assert leave_run_note({}, "no task instance: logged, never raised") == "no task instance: logged, never raised"

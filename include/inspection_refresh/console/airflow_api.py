@@ -1,8 +1,11 @@
-"""Triggering a DAG run through Airflow's public REST API, as the signed-in user.
+"""Airflow's public REST API, as the signed-in user: is a DAG paused, unpause it, trigger a run, which
+runs wait for a person's answer.
 
 The console never rolls anything back itself: it asks Airflow to run ``deployment_rollback``
 (``POST /api/v2/dags/{dag_id}/dagRuns``) with the user's own JWT, so Airflow checks the user's
-permission, records the trigger in its audit log and names the user as the run's triggerer.
+permission, records the trigger in its audit log and names the user as the run's triggerer. It first
+asks whether the DAG is paused (``GET /api/v2/dags/{dag_id}``): a run of a paused DAG would sit
+queued, so nothing is triggered then, and the page says how to unpause it.
 """
 
 from __future__ import annotations
@@ -61,6 +64,69 @@ def _error_detail(response: httpx.Response) -> str:
     return str(detail)
 
 
+@dataclass(frozen=True)
+class DagPaused:
+    """Whether a DAG is paused, or why that could not be asked (``error``)."""
+
+    paused: bool | None
+    error: str | None = None
+
+
+def _request(method: str, url: str, token: str, timeout: float, **kwargs: Any) -> httpx.Response | str:
+    """Airflow's response, or what went wrong reaching it (a string)."""
+    try:
+        return httpx.request(method, url, headers={"Authorization": f"Bearer {token}"}, timeout=timeout, **kwargs)
+    except httpx.HTTPError as exc:
+        return f"could not reach Airflow's REST API at {urlsplit(url).netloc}: {type(exc).__name__}: {exc}"
+
+
+def _dag_url(api_url: str, dag_id: str) -> str:
+    return f"{api_url.rstrip('/')}/api/v2/dags/{quote(dag_id, safe='')}"
+
+
+def dag_paused(api_url: str, token: str, dag_id: str, *, timeout: float = TIMEOUT_SECONDS) -> DagPaused:
+    """``GET {api_url}/api/v2/dags/{dag_id}``: is the DAG paused? Never raises."""
+    response = _request("GET", _dag_url(api_url, dag_id), token, timeout)
+    if isinstance(response, str):
+        return DagPaused(None, response)
+    if not response.is_success:
+        return DagPaused(None, f"Airflow refused ({response.status_code}): {_error_detail(response)}")
+    try:
+        return DagPaused(bool(response.json()["is_paused"]))
+    except (ValueError, KeyError, TypeError):
+        return DagPaused(None, f"Airflow answered {response.status_code} without is_paused")
+
+
+def unpause_dag(api_url: str, token: str, dag_id: str, *, timeout: float = TIMEOUT_SECONDS) -> str | None:
+    """``PATCH {api_url}/api/v2/dags/{dag_id}`` with ``is_paused: false`` (the DAG page's toggle); None when
+    done, else Airflow's refusal in words."""
+    response = _request("PATCH", _dag_url(api_url, dag_id), token, timeout, params={"update_mask": "is_paused"},
+                        json={"is_paused": False})
+    if isinstance(response, str):
+        return response
+    if not response.is_success:
+        return f"Airflow refused to unpause {dag_id} ({response.status_code}): {_error_detail(response)}"
+    return None
+
+
+def waiting_approvals(api_url: str, token: str, *, timeout: float = TIMEOUT_SECONDS) -> dict[tuple[str, str], dict]:
+    """Task instances waiting for a person's answer (Airflow's Human-in-the-loop requests without a response:
+    ``GET /api/v2/dags/~/dagRuns/~/hitlDetails?response_received=false``), by ``(dag_id, run_id)``: each
+    ``{"task_id", "map_index", "subject"}``. Empty when Airflow cannot be asked (the page then just lacks
+    the links)."""
+    response = _request("GET", f"{api_url.rstrip('/')}/api/v2/dags/~/dagRuns/~/hitlDetails", token, timeout,
+                        params={"response_received": "false", "limit": 100})
+    if isinstance(response, str) or not response.is_success:
+        return {}
+    try:
+        details = response.json()["hitl_details"]
+        return {(str(d["task_instance"]["dag_id"]), str(d["task_instance"]["dag_run_id"])): {
+            "task_id": str(d["task_instance"]["task_id"]), "map_index": int(d["task_instance"].get("map_index", -1)),
+            "subject": str(d.get("subject") or "")} for d in details}
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
 def trigger_dag_run(api_url: str, token: str, dag_id: str, run_conf: dict[str, Any], note: str | None = None,
                     *, timeout: float = TIMEOUT_SECONDS) -> TriggerResult:
     """``POST {api_url}/api/v2/dags/{dag_id}/dagRuns`` with ``Authorization: Bearer {token}``.
@@ -68,14 +134,12 @@ def trigger_dag_run(api_url: str, token: str, dag_id: str, run_conf: dict[str, A
     The run is manual with no logical date (``logical_date: null``), as the UI's Trigger button
     makes it. Returns Airflow's answer; never raises for an HTTP or connection error.
     """
-    url = f"{api_url.rstrip('/')}/api/v2/dags/{quote(dag_id, safe='')}/dagRuns"
     body: dict[str, Any] = {"logical_date": None, "conf": run_conf}
     if note:
         body["note"] = note
-    try:
-        response = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=timeout)
-    except httpx.HTTPError as exc:
-        return TriggerResult(False, f"could not reach Airflow's REST API at {api_url}: {type(exc).__name__}: {exc}")
+    response = _request("POST", f"{_dag_url(api_url, dag_id)}/dagRuns", token, timeout, json=body)
+    if isinstance(response, str):
+        return TriggerResult(False, response)
     if response.is_success:
         try:
             run_id = str(response.json()["dag_run_id"])

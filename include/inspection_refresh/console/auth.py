@@ -57,6 +57,30 @@ class Viewer:
     def reads_every_dag(self) -> bool:
         return self.readable_dag_ids == frozenset(PACKAGE_DAG_IDS)
 
+    @property
+    def can_unpause_rollback(self) -> bool:
+        """Whether the user may edit ``deployment_rollback`` (PUT on the DAG: its pause toggle)."""
+        return may(self.user, "PUT", ROLLBACK_DAG_ID)
+
+
+ACCESS_HINT = "Refused? Ask an Airflow administrator for access to this package's DAG runs."
+RELOAD_HINT = "Nothing was done. Reload the Deployments page (Browse → Deployments) and press the button again."
+
+
+class Refusal(HTTPException):
+    """A refused request with what to do about it (``hint``), shown under the reason on the error page."""
+
+    def __init__(self, status_code: int, detail: str, hint: str | None = None) -> None:
+        super().__init__(status_code, detail)
+        self.hint = hint
+
+
+def refusal_hint(exc: Exception) -> str | None:
+    """What the error page suggests: a :class:`Refusal`'s own hint; for any other 403, asking for access."""
+    if isinstance(exc, Refusal):
+        return exc.hint
+    return ACCESS_HINT if getattr(exc, "status_code", None) == status.HTTP_403_FORBIDDEN else None
+
 
 def _team_name(dag_id: str) -> str | None:
     """The DAG's team, which multi-team auth managers need; only looked up in multi-team mode."""
@@ -116,14 +140,18 @@ def check_csrf(request: Request, viewer: Viewer, token: str) -> None:
     """
     origin = request.headers.get("origin")
     if origin is not None and origin.rstrip("/").split("://", 1)[-1] != request.headers.get("host", ""):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "Cross-origin form submission refused.")
+        raise Refusal(status.HTTP_403_FORBIDDEN,
+                      f"This request came from another site ({origin[:100]}), not from the Deployments page, "
+                      "so it was refused.",
+                      "Nothing was done. To roll back or unpin, open Browse → Deployments in Airflow itself and "
+                      "press the button there.")
     try:
         signed_for = _csrf_serializer().loads(token, max_age=CSRF_MAX_AGE_SECONDS)
     except BadSignature:
-        raise HTTPException(status.HTTP_403_FORBIDDEN,
-                            "The form has expired or did not come from this page; reload the page and try again.")
+        raise Refusal(status.HTTP_403_FORBIDDEN,
+                      "The form has expired or did not come from the Deployments page.", RELOAD_HINT) from None
     if signed_for != viewer.user.get_id():
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "The form was made for another user; reload the page.")
+        raise Refusal(status.HTTP_403_FORBIDDEN, "The form was made for another user.", RELOAD_HINT)
 
 
 def login_url(next_url: str) -> str:

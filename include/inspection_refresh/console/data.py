@@ -3,8 +3,9 @@
 Nothing here knows about HTTP or Airflow's web server: :func:`live_cards` reads each artefact's
 live version, kept versions and pin through :class:`~inspection_refresh.live.Releases` (the release
 channel in ``channel``/``both`` mode, so a host with empty local roots shows the same cards; else the
-local root), plus the few small files a version's summary needs, and asks the registry which run
-published it; :func:`history_page` reads one page of the history. Only small JSON files are read,
+local root), plus the few small files a version's summary needs, and which run made the live
+version live and when (:mod:`.made_live`); :mod:`.history` reads the History page. Only small
+JSON files are read,
 never the index or bank themselves, so torch, faiss and open_clip are never imported. A problem with
 one artefact (a corrupt JSON file, an unreadable pin, an unreachable channel) becomes an error on its
 card, never an exception for the page.
@@ -20,22 +21,25 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
-from inspection_refresh import compose
+from inspection_refresh import compose, quality_gate
 from inspection_refresh.clip.index import MANIFEST_FILE
 from inspection_refresh.clip.weights import RANDOM_MARKER_KEY, sidecar_path
 from inspection_refresh.config import Settings
+from inspection_refresh.console.made_live import RunRef, add_live_history
 from inspection_refresh.live import Releases
 from inspection_refresh.patchcore.bank import CONFIG_FILE, HISTOGRAM_FILE, TAU_FILE
 from inspection_refresh.publish import PublishError
-from inspection_refresh.registry import STATUSES, DeploymentRegistry, RegistryError
+from inspection_refresh.registry import DeploymentRegistry
 from inspection_refresh.storage import StorageError
-from inspection_refresh.tasks.clip_index import DEPLOY_TYPE as CLIP_DEPLOY_TYPE
 from inspection_refresh.tasks.clip_index import INDEX_TYPES
+from inspection_refresh.tasks.clip_index.quality import hygiene_findings
 from inspection_refresh.tasks.common import ROLLBACK_DAG_ID
-from inspection_refresh.tasks.patchcore import DEPLOY_TYPE as PATCHCORE_DEPLOY_TYPE
 from inspection_refresh.tasks.rollback import CLIP_PREFIX
 
 PATCHCORE_DAG_ID = "patchcore_memory_bank"
+QUALITY_FILE = "quality.json"
+"""The PatchCore builder's out-of-sample check beside a bank (:mod:`inspection_refresh.patchcore.quality`;
+named here so the console never imports numpy)."""
 
 
 def clip_dag_id(index_type: str) -> str:
@@ -45,11 +49,6 @@ def clip_dag_id(index_type: str) -> str:
 
 PACKAGE_DAG_IDS = (*(clip_dag_id(t) for t in INDEX_TYPES), PATCHCORE_DAG_ID, ROLLBACK_DAG_ID)
 """Every DAG of this package: whose deployment rows and artefacts the console shows."""
-
-HISTORY_PAGE_SIZE = 50
-JSON_SHOWN_CHARS = 20_000
-"""A row's result_data is shown pretty-printed up to this many characters (lists of skipped
-objects can be long); the message column is at most 64 KB and shown whole."""
 
 ArtefactKind = Literal["clip", "patchcore"]
 UNREACHABLE = "release channel unreachable"
@@ -64,16 +63,10 @@ def unreachable(exc: StorageError) -> str:
 class KeptVersion:
     version: str
     created: datetime | None
-    """When it was published: the version id is the UTC publish time."""
+    """When it was built: the version id is that UTC time."""
     live: bool
-
-
-@dataclass
-class RunRef:
-    """An Airflow DAG run, to link to."""
-
-    dag_id: str
-    run_id: str
+    newer_than_live: bool = False
+    """Making it live rolls forward (it was built after the live version), not back."""
 
 
 @dataclass
@@ -89,9 +82,16 @@ class ArtefactCard:
     dag_id: str
     """The DAG that builds it (the user needs read access to it to see the card)."""
     live_version: str | None = None
-    published_at: str | None = None
-    published_by: str | None = None
-    published_run: RunRef | None = None
+    built_at: str | None = None
+    """When the live version was built (its manifest or bank config says), not when it went live."""
+    built_run: RunRef | None = None
+    live_since: datetime | str | None = None
+    """When the live version went live: the channel's ``current.json``, else the swap of this host's live link."""
+    made_live: RunRef | None = None
+    """The run that made it live: the run that published it, or the rollback that put it back."""
+    made_live_how: str = "published"
+    """``published``, ``rolled back`` or ``rolled forward``."""
+    made_live_by: str | None = None
     facts: list[tuple[str, str]] = field(default_factory=list)
     random_weights: bool = False
     pin: dict[str, Any] | None = None
@@ -102,6 +102,8 @@ class ArtefactCard:
     note: str | None = None
     """Something normal worth saying instead of facts (e.g. nothing published yet)."""
     errors: list[str] = field(default_factory=list)
+    flagged: list[quality_gate.Finding] = field(default_factory=list)
+    """What the build's quality checks flagged in the live version (suspected defects, gallery problems)."""
 
 
 def version_time(version: str) -> datetime | None:
@@ -127,7 +129,7 @@ def _read_json_object(releases: Releases, card: ArtefactCard, file: str) -> dict
     return data
 
 
-def _number(value: Any, digits: int = 4) -> str:
+def number(value: Any, digits: int = 4) -> str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return "n/a"
     if isinstance(value, float) and not math.isfinite(value):
@@ -136,7 +138,8 @@ def _number(value: Any, digits: int = 4) -> str:
 
 
 def _kept_versions(releases: Releases, name: str, live: str | None) -> list[KeptVersion]:
-    return [KeptVersion(v, version_time(v), v == live) for v in reversed(releases.versions(name))]
+    return [KeptVersion(v, version_time(v), v == live, bool(live) and v > str(live))  # ids sort by time
+            for v in reversed(releases.versions(name))]
 
 
 def _fill_base(card: ArtefactCard, releases: Releases) -> None:
@@ -169,13 +172,13 @@ def _clip_random_weights(manifest: dict[str, Any]) -> bool:
 
 def _fill_clip(card: ArtefactCard, releases: Releases) -> None:
     manifest = _read_json_object(releases, card, MANIFEST_FILE)
-    card.published_at = manifest.get("created_at") or manifest.get("written_at")
+    card.built_at = manifest.get("created_at") or manifest.get("written_at")
     if manifest.get("run_id"):
-        card.published_run = RunRef(card.dag_id, str(manifest["run_id"]))
+        card.built_run = RunRef(card.dag_id, str(manifest["run_id"]))
     card.random_weights = _clip_random_weights(manifest)
     card.facts = [
-        ("Images", _number(manifest.get("count"))),
-        ("Embedding dim", _number(manifest.get("dim"))),
+        ("Images", number(manifest.get("count"))),
+        ("Embedding dim", number(manifest.get("dim"))),
         ("Model", f"{manifest.get('model')} / {manifest.get('pretrained')}"),
         ("Weights identity", str(manifest.get("model_identity") or "not recorded")),
         ("Source", f"s3://{manifest.get('source_bucket') or '?'}/{manifest.get('source_prefix') or ''}"),
@@ -183,67 +186,42 @@ def _fill_clip(card: ArtefactCard, releases: Releases) -> None:
     missing = manifest.get("missing_images") or []
     if missing:
         card.facts.append(("Missing images", str(len(missing))))
+    hygiene = manifest.get("quality")  # the gallery check of this version (indexes since the check)
+    card.flagged = hygiene_findings(card.name, hygiene if isinstance(hygiene, dict) else None)
 
 
 def _fill_patchcore(card: ArtefactCard, releases: Releases) -> None:
     config = _read_json_object(releases, card, CONFIG_FILE)
     weights = config.get("weights") if isinstance(config.get("weights"), dict) else {}
     calibration = config.get("calibration") if isinstance(config.get("calibration"), dict) else {}
-    card.published_at = config.get("created")
+    card.built_at = config.get("created")
     card.random_weights = weights.get("name") == "random"
     identity = weights.get("torchvision_weights") or weights.get("path") or weights.get("name") or "not recorded"
     sha = str(weights.get("sha256") or "")
     card.facts = [
-        ("Images", _number(config.get("num_images"))),
-        ("Bank size", f"{_number(config.get('bank_size'))} × {_number(config.get('feature_dim'))}"),
+        ("Images", number(config.get("num_images"))),
+        ("Bank size", f"{number(config.get('bank_size'))} × {number(config.get('feature_dim'))}"),
         ("Backbone", f"{config.get('backbone', 'resnet50')} {identity}" + (f" (sha256 {sha[:12]}…)" if sha else "")),
         ("Layers / short side / stride",
          f"{', '.join(map(str, config.get('layers') or []))} / {config.get('shorter')} / {config.get('stride')}"),
     ]
     try:
         tau = _read_json_object(releases, card, TAU_FILE)
-        card.facts.append(("tau (image / pixel)", f"{_number(tau.get('image'))} / {_number(tau.get('pixel'))}"))
+        card.facts.append(("tau (image / pixel)", f"{number(tau.get('image'))} / {number(tau.get('pixel'))}"))
     except ValueError as exc:
         card.errors.append(str(exc))
+    try:  # banks built before the out-of-sample check have no quality.json
+        card.flagged = quality_gate.suspected_defects(card.name, _read_json_object(releases, card, QUALITY_FILE))
+    except ValueError:
+        pass
     auroc = calibration.get("auroc")
-    card.facts.append(("Held-out AUROC", _number(auroc, 3) if auroc is not None
+    card.facts.append(("Held-out AUROC", number(auroc, 3) if auroc is not None
                        else "n/a (no labelled defect images)"))
-    card.facts.append(("Accuracy at tau", _number(calibration.get("accuracy_at_tau"), 3)))
+    card.facts.append(("Accuracy at tau", number(calibration.get("accuracy_at_tau"), 3)))
     # Every published bank has one (publishing validates BANK_FILES): the channel is not asked twice per card.
     local = releases.local_copy(card.name, str(card.live_version)) if releases.channel is None else None
     if releases.channel is not None or (local is not None and (local / HISTOGRAM_FILE).is_file()):
         card.histogram_version = card.live_version
-
-
-def _publication_lookup(card: ArtefactCard) -> tuple[str, dict[str, str]]:
-    """How to find the deployment row of the run that published the live version."""
-    if card.kind == "clip":
-        return CLIP_DEPLOY_TYPE, {"$.index_type": card.name, "$.version": str(card.live_version)}
-    # Product codes are letters, digits and "._-" (check_name), so quoting one in a JSON path is safe.
-    return PATCHCORE_DEPLOY_TYPE, {f'$.products."{card.name}".version': str(card.live_version)}
-
-
-def _add_publications(cards: list[ArtefactCard], registry: DeploymentRegistry) -> str | None:
-    """Who and which run published each live version, from ``deployment_logs``; an error text if unreadable."""
-    wanted = [card for card in cards if card.live_version]
-    if not wanted:
-        return None
-    try:
-        rows = registry.find_by_result_values([_publication_lookup(card) for card in wanted])
-    except RegistryError as exc:
-        if "doesn't exist" in str(exc):
-            return None  # no deployment has been recorded yet
-        return f"deployment history unavailable, so cards lack who published: {exc}"
-    for card, row in zip(wanted, rows):
-        if row is None:
-            continue
-        data = row.get("result_data") if isinstance(row.get("result_data"), dict) else {}
-        card.published_by = row.get("deployed_by")
-        if data.get("airflow_dag_id") and data.get("airflow_run_id"):
-            card.published_run = RunRef(str(data["airflow_dag_id"]), str(data["airflow_run_id"]))
-        card.published_at = card.published_at or row.get("completed_at") or row.get("started_at")
-        card.random_weights = card.random_weights or bool(data.get("random_weights"))
-    return None
 
 
 def artefact_card(kind: ArtefactKind, name: str, releases: Releases) -> ArtefactCard:
@@ -286,8 +264,9 @@ def live_cards(settings: Settings, registry: DeploymentRegistry,
     problems: list[str] = []
     cards: list[ArtefactCard] = []
     indexes: Releases | None = None
+    releases: dict[str, Releases] = {}
     try:
-        indexes = Releases(compose.index_publisher(settings))  # one per page: its reads are memoised
+        indexes = releases["clip"] = Releases(compose.index_publisher(settings))  # one per page: reads are memoised
         cards += [artefact_card("clip", t, indexes) for t in INDEX_TYPES if clip_dag_id(t) in readable_dag_ids]
     except (OSError, PublishError) as exc:
         problems.append(f"CLIP indexes: {exc}")
@@ -295,13 +274,13 @@ def live_cards(settings: Settings, registry: DeploymentRegistry,
         try:
             if indexes is not None and indexes.unreachable is not None:
                 raise indexes.unreachable  # the same connection and bucket: not a second wait for a timeout
-            banks = Releases(compose.patchcore_publisher(settings))
+            banks = releases["patchcore"] = Releases(compose.patchcore_publisher(settings))
             cards += [artefact_card("patchcore", code, banks) for code in banks.names()]
         except StorageError as exc:  # which banks exist is unknown: no cards, one notice
             problems.append(f"PatchCore banks: {unreachable(exc)}")
         except (OSError, PublishError) as exc:
             problems.append(f"PatchCore banks: {exc}")
-    problem = _add_publications(cards, registry)
+    problem = add_live_history(cards, releases, registry)
     if problem:
         problems.append(problem)
     return cards, problems
@@ -345,91 +324,3 @@ def histogram_path(settings: Settings, name: str, version: str) -> Path | None:
     if version_dir.parent.parent != releases or candidate.parent != version_dir or not candidate.is_file():
         return None
     return candidate
-
-
-@dataclass
-class HistoryRow:
-    deploy_id: int
-    deploy_type: str
-    status: str
-    started_at: str | None
-    completed_at: str | None
-    deployed_by: str | None
-    message: str
-    run: RunRef | None
-    summary: str
-    """One line: what the row deployed (index type, artefact, products)."""
-    products: list[dict[str, Any]]
-    """PatchCore rows: one dict per product (code, status, version, figures, error)."""
-    result_json: str
-
-
-@dataclass
-class HistoryPage:
-    rows: list[HistoryRow]
-    total: int
-    page: int
-    pages: int
-    deploy_types: list[str]
-    statuses: tuple[str, ...] = STATUSES
-    problem: str | None = None
-
-
-def _summary(deploy_type: str, data: dict[str, Any]) -> str:
-    if "artefact" in data:
-        action = data.get("action") or "rollback"
-        if action == "unpin":
-            return f"{data['artefact']}: unpin"
-        return f"{data['artefact']}: {data.get('from_version') or '?'} → {data.get('to_version') or '?'}"
-    if "index_type" in data:
-        return f"{data['index_type']} index" + (f", version {data['version']}" if data.get("version") else "")
-    if isinstance(data.get("products"), dict):
-        return ", ".join(f"{code} {(result or {}).get('status', '?')}" for code, result in data["products"].items())
-    return ""
-
-
-def _products(data: dict[str, Any]) -> list[dict[str, Any]]:
-    products = data.get("products")
-    if not isinstance(products, dict):
-        return []
-    rows = []
-    for code, result in products.items():
-        result = result if isinstance(result, dict) else {}
-        tau = result.get("tau") if isinstance(result.get("tau"), dict) else {}
-        rows.append({"code": code, "status": result.get("status"), "version": result.get("version"),
-                     "bank_size": result.get("bank_size"), "tau": _number(tau.get("image")) if tau else "",
-                     "auroc": _number(result.get("auroc"), 3) if result.get("auroc") is not None else "",
-                     "error": ": ".join(str(x) for x in (result.get("stage"), result.get("error")) if x)})
-    return rows
-
-
-def _history_row(row: dict[str, Any]) -> HistoryRow:
-    raw = row.get("result_data")
-    data = raw if isinstance(raw, dict) else {}
-    run = (RunRef(str(data["airflow_dag_id"]), str(data["airflow_run_id"]))
-           if data.get("airflow_dag_id") and data.get("airflow_run_id") else None)
-    shown = json.dumps(raw, indent=2, sort_keys=True, default=str) if raw is not None else ""
-    if len(shown) > JSON_SHOWN_CHARS:
-        shown = shown[:JSON_SHOWN_CHARS] + f"\n… [{len(shown) - JSON_SHOWN_CHARS} more characters not shown]"
-    return HistoryRow(
-        deploy_id=int(row["deploy_id"]), deploy_type=str(row["deploy_type"]), status=str(row["status"]),
-        started_at=row.get("started_at"), completed_at=row.get("completed_at"), deployed_by=row.get("deployed_by"),
-        message=str(row.get("result_message") or ""), run=run, summary=_summary(str(row["deploy_type"]), data),
-        products=_products(data), result_json=shown)
-
-
-def history_page(registry: DeploymentRegistry, *, page: int = 1, deploy_type: str | None = None,
-                 status: str | None = None, dag_ids: list[str] | None = None,
-                 page_size: int = HISTORY_PAGE_SIZE) -> HistoryPage:
-    """One page of ``deployment_logs``, newest first; ``dag_ids`` limits it to those DAGs' rows (None: all)."""
-    page = max(1, page)
-    try:
-        rows, total = registry.history_page(limit=page_size, offset=(page - 1) * page_size,
-                                            deploy_type=deploy_type, status=status, dag_ids=dag_ids)
-        types = registry.deploy_types()
-    except RegistryError as exc:
-        if "doesn't exist" in str(exc):
-            return HistoryPage([], 0, 1, 1, [], problem="no deployment has been recorded yet "
-                                                         "(the deployment_logs table does not exist)")
-        return HistoryPage([], 0, 1, 1, [], problem=f"deployment history unavailable: {exc}")
-    return HistoryPage([_history_row(r) for r in rows], total, page, max(1, math.ceil(total / page_size)), types)

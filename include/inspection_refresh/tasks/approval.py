@@ -10,6 +10,8 @@ Either way it records the run's ``approve`` stage here, beside the other stage r
 - ``rejected`` — a person rejected it: the message is "rejected by <user>";
 - ``timed_out`` — nobody answered within the request's timeout;
 - ``failed`` — the step itself failed (e.g. the summary could not be built).
+- ``blocked`` — the quality gate (mode ``block``) flagged everything the run would publish: the message
+  names what (:mod:`inspection_refresh.tasks.gating`).
 
 ``publish`` refuses to publish unless the record says ``ok``, and ``register`` writes the
 decision into the deployment row. An approval names what it approved: the request's ``targets``
@@ -45,6 +47,8 @@ WAITING = "waiting"
 REJECTED = "rejected"
 TIMED_OUT = "timed_out"
 FAILED = "failed"
+BLOCKED = "blocked"
+"""The quality gate (``block``) stopped everything the run would publish; nobody was asked."""
 
 
 @dataclass(frozen=True)

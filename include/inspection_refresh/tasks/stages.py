@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from inspection_refresh.runstore import RunFileMissing, RunStore
+from inspection_refresh.runtime import PermanentError
 from inspection_refresh.tasks.common import NothingToDo
 
 
@@ -41,6 +42,12 @@ class StageRecorder:
                                           "seconds": round(seconds, 3), "facts": self.facts})
 
 
+def failure_message(exc: BaseException) -> str:
+    """A failed stage's message: what a :class:`PermanentError` (bad input, the operator must act) says, for
+    people; ``"<class>: <text>"`` for any other error, whose class tells what broke."""
+    return str(exc) if isinstance(exc, PermanentError) else f"{type(exc).__name__}: {exc}"
+
+
 @contextmanager
 def record_stage(work_dir: Path | RunStore, stage: str) -> Iterator[StageRecorder]:
     """Run a stage, saving ``ok``/``failed``/``skipped`` and the error message, then re-raise."""
@@ -52,7 +59,7 @@ def record_stage(work_dir: Path | RunStore, stage: str) -> Iterator[StageRecorde
         recorder.save("skipped", str(exc), time.monotonic() - started)
         raise
     except BaseException as exc:
-        recorder.save("failed", f"{type(exc).__name__}: {exc}", time.monotonic() - started)
+        recorder.save("failed", failure_message(exc), time.monotonic() - started)
         raise
     recorder.save("ok", "", time.monotonic() - started)
 

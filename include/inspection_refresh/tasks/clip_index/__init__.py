@@ -24,6 +24,7 @@ from inspection_refresh.tasks.clip_index.build import download, embed, index_sav
 from inspection_refresh.tasks.clip_index.publishing import (
     approval_request, discard_unpublished, publish, published_message, register,
 )
+from inspection_refresh.tasks.clip_index.quality import quality_check
 from inspection_refresh.tasks.clip_index.run import (
     DEPLOY_TYPE, INDEX_TYPES, PIPELINE, STAGES, VERSION_DIR, ClipRun, local_images, published_manifest,
     source_fingerprint, unchanged_live_index,
@@ -32,5 +33,5 @@ from inspection_refresh.tasks.clip_index.run import (
 __all__ = [
     "DEPLOY_TYPE", "INDEX_TYPES", "PIPELINE", "STAGES", "VERSION_DIR", "ClipRun", "approval_request",
     "discard_unpublished", "download", "embed", "index_save", "local_images", "publish", "published_manifest",
-    "published_message", "register", "source_fingerprint", "unchanged_live_index",
+    "published_message", "quality_check", "register", "source_fingerprint", "unchanged_live_index",
 ]

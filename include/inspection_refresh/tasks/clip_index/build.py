@@ -9,16 +9,18 @@ from typing import Any
 from inspection_refresh import compose
 from inspection_refresh.files import link_or_copy
 from inspection_refresh.images import parse_image_key, reject_reason
-from inspection_refresh.progress import counted
+from inspection_refresh.progress import counted, reporting_progress
 from inspection_refresh.publish import describe_pin, new_version_id
 from inspection_refresh.registry import RegistryError
 from inspection_refresh.runstore import RunStore
 from inspection_refresh.runtime import finished_run_state, refuse_publishing_if_run_ended
 from inspection_refresh.storage import StorageError, plan_mirror, require_complete
+from inspection_refresh.tasks.clip_index.quality import gallery_hygiene
 from inspection_refresh.tasks.clip_index.run import (
     DEPLOY_TYPE, VERSION_DIR, ClipRun, local_images, source_fingerprint, unchanged_live_index,
 )
 from inspection_refresh.tasks.common import NothingToDo, cap_list, unpin_hint
+from inspection_refresh.tasks.live_progress import run_reporter
 from inspection_refresh.tasks.stages import record_stage
 
 log = logging.getLogger(__package__)  # the pipeline's one logger, named as before it was split
@@ -53,7 +55,8 @@ def download(run: ClipRun) -> dict[str, Any]:
                 f"no images under s3://{storage.bucket}/{run.prefix} ({len(listing)} other objects): "
                 "upload images there or choose another prefix; the published index is unchanged"
             )
-        result = storage.sync_prefix(run.prefix, run.mirror_dir, accept=reject_reason, objects=listing)
+        with reporting_progress(run_reporter(run, "download")):  # the figures also go to the Deployments page
+            result = storage.sync_prefix(run.prefix, run.mirror_dir, accept=reject_reason, objects=listing)
         missing = [key for key, _ in result.failed]
         # What is indexed, not what is listed: an index missing images does not match the
         # listing, so the next scheduled run rebuilds it instead of skipping.
@@ -89,11 +92,13 @@ def download(run: ClipRun) -> dict[str, Any]:
 def _skip_if_unchanged(run: ClipRun, fingerprint: str) -> None:
     manifest = unchanged_live_index(run, fingerprint)
     if manifest:
-        raise NothingToDo(
+        unchanged = NothingToDo(
             f"images under {run.prefix} are unchanged since the published {run.index_type} index "
             f"(version {run.live_version()}, {manifest.get('count')} images, same model): "
             "skipping the rebuild. Trigger with full_rebuild=true to force one."
         )
+        log.info("%s", unchanged)  # the task is skipped: its log says why
+        raise unchanged
 
 
 def _skip_if_pinned(run: ClipRun) -> None:
@@ -120,8 +125,9 @@ def embed(run: ClipRun) -> dict[str, Any]:
                         "(offline demo/test checkpoint, not for the service)", run.pretrained)
         model = load_model(run.model, run.pretrained, run.device, lazy=True)  # loads only if a miss needs it
         cache = None if run.full_rebuild else EmbeddingCache(default_cache_dir(run.settings.cache_root))
-        result = embed_files([images[item["key"]] for item in inventory], model, batch_size=run.batch_size,
-                             cache=cache, progress_label=f"Embedding {run.index_type} images")
+        with reporting_progress(run_reporter(run, "embed")):  # the figures also go to the Deployments page
+            result = embed_files([images[item["key"]] for item in inventory], model, batch_size=run.batch_size,
+                                 cache=cache, progress_label=f"Embedding {run.index_type} images")
         failures = [(inventory[index]["key"], reason) for index, reason in result.failures]
         if len(result.ok_indices) == 0:
             raise ValueError(f"none of the {len(inventory)} images under {run.prefix} could be read "
@@ -207,6 +213,9 @@ def index_save(run: ClipRun) -> dict[str, Any]:
                 gallery_paths.append(str(final_dir / "images" / relative))
                 metadata.append(_metadata_record(row, item["key"], gallery_paths[-1],
                                                  inventory_doc["storage_urls"][item["key"]], products))
+            hygiene, image_sha256 = gallery_hygiene(
+                run, vectors, [inventory[index]["key"] for index in rows],
+                [images[inventory[index]["key"]] for index in rows], [_product_of(m) for m in metadata])
             manifest = write_index_files(
                 staging, vectors, gallery_paths, metadata,
                 index_type=run.index_type, model_id=run.model, pretrained=run.pretrained,
@@ -219,6 +228,8 @@ def index_save(run: ClipRun) -> dict[str, Any]:
                     "missing_images": downloaded.get("missing_images", []),
                     "run_id": run.run_id,
                     "created_at": datetime.now(timezone.utc).isoformat(),
+                    "quality": hygiene,  # what the gallery check found (the console shows it)
+                    "image_sha256": image_sha256,  # the other gallery's runs compare against these
                 },
             )
             verified = verify_index(staging)
@@ -233,12 +244,20 @@ def index_save(run: ClipRun) -> dict[str, Any]:
             raise
         stage.facts = {"version": version, "count": manifest["count"], "dim": manifest["dim"],
                        "verified": bool(verified), "self_top1": verified.get("self_top1"),
-                       "ties": verified.get("ties"), "gallery_root": str(final_dir / "images")}
+                       "ties": verified.get("ties"), "gallery_root": str(final_dir / "images"),
+                       "hygiene": hygiene}
         stage.facts.update(kept)  # local: where the staged version is ("staging")
         log.info("Staged %s index version %s: %d images, dim %d, every image finds itself first (%d exact-"
                  "duplicate ties); publish makes it live", run.index_type, version, manifest["count"],
                  manifest["dim"], verified.get("ties", 0))
-        return {k: v for k, v in stage.facts.items() if k not in ("staging", "gallery_root")}
+        return {k: v for k, v in stage.facts.items() if k not in ("staging", "gallery_root", "hygiene")}
+
+
+def _product_of(record: dict[str, Any]) -> str | None:
+    """An image's product for the hygiene check: its code, else its id (``None``: unknown)."""
+    if record.get("product_code"):
+        return str(record["product_code"])
+    return None if record.get("product_id") is None else str(record["product_id"])
 
 
 def _metadata_record(row: int, key: str, local_path: str, storage_url: str, products: dict[int, Any]) -> dict:

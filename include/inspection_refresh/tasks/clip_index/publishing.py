@@ -11,7 +11,7 @@ from inspection_refresh.files import link_or_copy, tree_files
 from inspection_refresh.progress import counted
 from inspection_refresh.publish import PublishError
 from inspection_refresh.runtime import refuse_publishing_if_run_ended
-from inspection_refresh.tasks import approval
+from inspection_refresh.tasks import approval, gating
 from inspection_refresh.tasks.clip_index.run import (
     DEPLOY_TYPE, STAGES, VERSION_DIR, ClipRun, local_images, published_manifest,
 )
@@ -48,7 +48,7 @@ def approval_request(run: ClipRun) -> approval.ApprovalRequest | None:
     live = published_manifest(run) if live_version else None
     before = live.get("count") if live else None
     after = saved["count"]
-    new_urls = set(store.read_json("inventory.json")["storage_urls"].values())
+    new_urls = _indexed_image_urls(store)  # what the new version indexes: not the unreadable or missing images
     old_urls = _live_image_urls(run) if live else set()
     added = sorted(new_urls - old_urls) if old_urls is not None else []
     removed = sorted(old_urls - new_urls) if old_urls is not None else []
@@ -63,6 +63,7 @@ def approval_request(run: ClipRun) -> approval.ApprovalRequest | None:
         "model": f"{run.model} / {run.pretrained}",
         "skipped_objects": downloaded.get("num_skipped", 0), "unreadable_images": embedded.get("num_unreadable", 0),
         "missing_images": downloaded.get("num_missing", 0), "random_weights": embedded.get("random_weights", False),
+        "images_downloaded": downloaded.get("files"), "images_indexed": after,
     }
     delta = f" ({after - before:+d})" if before is not None else ""
     lines = [
@@ -70,21 +71,16 @@ def approval_request(run: ClipRun) -> approval.ApprovalRequest | None:
         + (f", replacing the live version `{live_version}`." if live_version else " (no index is live yet)."),
         "",
         approval.markdown_table(["", f"Live ({live_version or 'none'})", f"New ({saved['version']})"], [
-            ["Images", before, f"{after}{delta}"],
+            ["Indexed images", before, f"{after}{delta}"],
             ["Embedding dim", summary["dim_before"], summary["dim_after"]],
             ["Model", (live or {}).get("model") and f"{live.get('model')} / {live.get('pretrained')}", summary["model"]],
         ]),
         "",
-        f"Images added: {len(added)}, removed: {len(removed)}"
-        + (f" (added: {', '.join(u.rsplit('/', 1)[-1] for u in added[:10])}{' …' if len(added) > 10 else ''})"
-           if added else "")
-        + (f" (removed: {', '.join(u.rsplit('/', 1)[-1] for u in removed[:10])}{' …' if len(removed) > 10 else ''})"
-           if removed else ""),
+        image_changes(before, after, added, removed, old_urls is not None),
+        image_intake(downloaded, embedded, after),
         "",
         f"**Self-retrieval check: {'passed' if saved.get('verified') else 'NOT passed'}** — every one of the {after} "
         f"images finds itself first ({ties} exact-duplicate ties).",
-        f"Skipped objects: {summary['skipped_objects']}, unreadable images: {summary['unreadable_images']}, "
-        f"missing (not downloaded): {summary['missing_images']}.",
     ]
     if summary["random_weights"]:
         lines += ["", "⚠ Embedded with RANDOM weights (demo/test checkpoint): similarity scores are meaningless."]
@@ -97,6 +93,46 @@ def approval_request(run: ClipRun) -> approval.ApprovalRequest | None:
                + (f" (live: {before})" if before is not None else ""))
     return approval.ApprovalRequest(subject=subject, body="\n".join(lines), summary=summary,
                                     targets={run.index_type: named})
+
+
+def _indexed_image_urls(store: Any) -> set[str]:
+    """The storage URLs of the images the staged version indexes (``rows.json``: the inventory rows embed read)."""
+    inventory = store.read_json("inventory.json")
+    keys = [inventory["images"][row]["key"] for row in store.read_json("rows.json")]
+    return {inventory["storage_urls"][key] for key in keys}
+
+
+def _file_names(urls: list[str], limit: int = 10) -> str:
+    return ", ".join(u.rsplit("/", 1)[-1] for u in urls[:limit]) + (" …" if len(urls) > limit else "")
+
+
+def image_changes(before: int | None, after: int, added: list[str], removed: list[str], known: bool = True) -> str:
+    """The approval's line of indexed images the new version adds and removes, which add up:
+    ``before + added - removed = after`` when the live version's images are ``known``."""
+    if before is None:
+        return f"Indexed images: {after} (no index is live yet)."
+    if not known:
+        return f"Indexed images: {before} → {after} (the live version's list could not be read: no added/removed)."
+    line = f"Indexed images: {before} → {after}: {len(added)} added, {len(removed)} removed"
+    line += f" (added: {_file_names(added)})" if added else ""
+    line += f" (removed: {_file_names(removed)})" if removed else ""
+    return line + "."
+
+
+def image_intake(downloaded: dict[str, Any], embedded: dict[str, Any], indexed: int) -> str:
+    """What became of the prefix's objects, adding up: ``downloaded = unreadable + indexed``, with what
+    was skipped (not images) and missing (could not be downloaded) beside it."""
+    unreadable = [key for key, _ in embedded.get("unreadable", [])]
+    num_unreadable = embedded.get("num_unreadable", len(unreadable))
+    parts = [f"downloaded {downloaded.get('files', indexed + num_unreadable)}"]
+    if num_unreadable:
+        parts.append(f"unreadable {num_unreadable} (skipped: {_file_names([str(k) for k in unreadable])})")
+    parts.append(f"indexed {indexed}")
+    if downloaded.get("num_missing"):
+        parts.append(f"missing {downloaded['num_missing']} (could not be downloaded)")
+    if downloaded.get("num_skipped"):
+        parts.append(f"{counted(downloaded['num_skipped'], 'other object')} skipped (not images)")
+    return "Images: " + ", ".join(parts) + "."
 
 
 def publish(run: ClipRun) -> dict[str, Any]:
@@ -248,6 +284,8 @@ def register(run: ClipRun) -> dict[str, Any]:
         "index_path": saved.get("path"),
         "staged_version": None if staged.get("unchanged") else staged.get("version"),
         "approval": approval.decision_facts(records[approval.STAGE]),
+        "quality": staged.get("hygiene"),  # the gallery check of the version this run built
+        "quality_gate": gating.gate_facts(run.store),
         "processing_time": round(sum(r.get("seconds", 0) for r in records.values()), 2),
         "stages": {s: r["status"] for s, r in records.items()},
     }
@@ -273,7 +311,7 @@ def register(run: ClipRun) -> dict[str, Any]:
                 f"{saved['count']} images and model as its build, so nothing was published")
     else:
         status = "completed"
-        text = published_message(result_data)
+        text = gating.with_note(published_message(result_data), gating.flagged_note(run.store))
         if late_failure:
             text += f". It is live; the publish task failed after the swap: {late_failure}"
     deploy_id = registry.finish(DEPLOY_TYPE, run.dag_id, run.run_id, status=status, message=text,

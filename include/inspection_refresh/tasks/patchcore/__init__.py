@@ -27,17 +27,19 @@ from inspection_refresh.tasks.patchcore.build import (
     fetch_build_inputs, parse_build_summary, read_build_log, store_build_outputs, store_failed_build_log,
 )
 from inspection_refresh.tasks.patchcore.prepare import list_products, prepare_product
-from inspection_refresh.tasks.patchcore.publishing import approval_request, publish_product
+from inspection_refresh.tasks.patchcore.publishing import (
+    approval_request, nothing_to_approve, publish_product, quality_check,
+)
 from inspection_refresh.tasks.patchcore.records import register
 from inspection_refresh.tasks.patchcore.run import (
-    BANK_DIR, BUILD_DEFAULTS, BUILD_LOG, BUNDLED_SCRIPT, DEPLOY_TYPE, INVENTORY, LAYERS, PIPELINE,
+    BANK_DIR, BUILD_DEFAULTS, BUILD_LOG, BUNDLED_SCRIPT, DEPLOY_TYPE, INVENTORY, LAYERS, PIPELINE, PRODUCT_PATTERN,
     SCRIPT_ENV_PASSTHROUGH, SUMMARY_MARK, PatchcoreRun, allowed_scripts, script_environment,
 )
 
 __all__ = [
     "BANK_DIR", "BUILD_DEFAULTS", "BUILD_LOG", "BUNDLED_SCRIPT", "DEPLOY_TYPE", "INVENTORY", "LAYERS", "PIPELINE",
-    "SCRIPT_ENV_PASSTHROUGH", "SUMMARY_MARK", "PatchcoreRun", "allowed_scripts", "approval_request",
-    "fetch_build_inputs", "get_settings", "list_products", "parse_build_summary", "prepare_product",
-    "publish_product", "read_build_log", "register", "script_environment", "store_build_outputs",
-    "store_failed_build_log",
+    "PRODUCT_PATTERN", "SCRIPT_ENV_PASSTHROUGH", "SUMMARY_MARK", "PatchcoreRun", "allowed_scripts", "approval_request",
+    "fetch_build_inputs", "get_settings", "list_products", "nothing_to_approve", "parse_build_summary",
+    "prepare_product", "publish_product", "quality_check", "read_build_log", "register", "script_environment",
+    "store_build_outputs", "store_failed_build_log",
 ]

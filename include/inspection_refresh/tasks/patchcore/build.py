@@ -11,10 +11,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from inspection_refresh.progress import PROGRESS_FILE_ENV
 from inspection_refresh.runstore import RunFileMissing, materialise_images
 from inspection_refresh.storage import SyncResult, require_complete
+from inspection_refresh.tasks.live_progress import ProgressFileRelay, run_reporter
 from inspection_refresh.tasks.patchcore.run import (
-    BANK_DIR, BUILD_LOG, INVENTORY, SUMMARY_MARK, PatchcoreRun, script_environment,
+    BANK_DIR, BUILD_LOG, INVENTORY, SUMMARY_MARK, PatchcoreRun, db_configured, script_environment,
 )
 
 log = logging.getLogger(__package__)  # the pipeline's one logger, named as before it was split
@@ -23,9 +25,15 @@ log = logging.getLogger(__package__)  # the pipeline's one logger, named as befo
 def build_environment(run: PatchcoreRun, contract: dict[str, str], *, out_dir: Path,
                       defect_files: Iterable[Path], log_dir: Path) -> dict[str, str]:
     """The build script's whole environment on this worker: ``prepare``'s ``contract`` plus ``OK_DIR``,
-    ``OUT_DIR``, ``DEFECT_DIRS``, ``PATCHCORE_LOG`` (in ``log_dir``), ``PYTHON`` and the inherited variables."""
+    ``OUT_DIR``, ``DEFECT_DIRS``, ``PATCHCORE_LOG`` (in ``log_dir``), ``PYTHON``, this worker's feature cache
+    (``PATCHCORE_FEATURE_CACHE``/``_GB``, when its bound is not 0) and the inherited variables."""
+    from inspection_refresh.patchcore.feature_cache import default_feature_cache_dir
+
+    cache_gb = run.settings.patchcore_feature_cache_gb
     return script_environment({
         **contract,
+        **({"PATCHCORE_FEATURE_CACHE": str(default_feature_cache_dir(run.settings.cache_root)),
+            "PATCHCORE_FEATURE_CACHE_GB": f"{cache_gb:g}"} if cache_gb > 0 else {}),
         "OK_DIR": str(run.mirror_dir(contract["PRODUCT_CODE"]) / "ok"),
         "OUT_DIR": str(out_dir),
         "DEFECT_DIRS": ":".join(defect_dirs(defect_files)),
@@ -73,6 +81,30 @@ def fetch_build_inputs(run: PatchcoreRun, task: Any) -> None:
                                      log_dir=workspace)
 
     store.settle_here(settle)
+    start_progress_relay(run, task)
+
+
+# The relay of each build running in this process, by product code: started in pre_execute, stopped after.
+_relays: dict[str, ProgressFileRelay] = {}
+
+
+def start_progress_relay(run: PatchcoreRun, task: Any) -> None:
+    """Show the build's progress on the Deployments page: the script (no secrets) writes its reports to
+    ``$PROGRESS_FILE`` beside its log, and a thread of this task's process relays them to the run's row."""
+    env = dict(task.env or {})
+    if not env.get("PATCHCORE_LOG") or not db_configured(run.settings.db_conn_id):
+        return
+    path = Path(env["PATCHCORE_LOG"]).parent / "progress.json"
+    task.env = {**env, PROGRESS_FILE_ENV: str(path)}
+    stop_progress_relay(task)
+    _relays[env["PRODUCT_CODE"]] = ProgressFileRelay(path, run_reporter(run, f"build {env['PRODUCT_CODE']}")).start()
+
+
+def stop_progress_relay(task: Any) -> None:
+    """Relay the build's last report and stop its relay (after the command, or when it failed)."""
+    relay = _relays.pop((task.env or {}).get("PRODUCT_CODE", ""), None)
+    if relay is not None:
+        relay.stop()
 
 
 def store_build_outputs(run: PatchcoreRun, task: Any) -> None:
@@ -80,6 +112,7 @@ def store_build_outputs(run: PatchcoreRun, task: Any) -> None:
     built bank for ``approve``, ``publish`` and ``register`` (with ``storage`` it stores them, then this
     worker's workspace is removed; with ``local`` they are already where those tasks read them). A
     failure here fails the build task (it is retried)."""
+    stop_progress_relay(task)
     env = task.env or {}
     store = run.product_store(env["PRODUCT_CODE"])
     store.keep_file(BUILD_LOG, env["PATCHCORE_LOG"])
@@ -92,6 +125,7 @@ def store_failed_build_log(run: PatchcoreRun, task: Any) -> None:
     the run's record names the script's error, and this worker's workspace is removed. Never raises."""
     env = task.env or {}
     try:
+        stop_progress_relay(task)
         store = run.product_store(env["PRODUCT_CODE"])
         if env.get("PATCHCORE_LOG") and Path(env["PATCHCORE_LOG"]).is_file():
             store.keep_file(BUILD_LOG, env["PATCHCORE_LOG"])

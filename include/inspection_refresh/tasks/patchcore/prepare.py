@@ -13,11 +13,13 @@ from typing import Any
 from inspection_refresh import compose
 from inspection_refresh.images import DEFECT_PREFIX, NORMAL_PREFIX, reject_reason
 from inspection_refresh.live import Releases
+from inspection_refresh.progress import reporting_progress
 from inspection_refresh.publish import PublishError, check_name, describe_pin
 from inspection_refresh.registry import Product, RegistryError
 from inspection_refresh.runtime import PermanentError, finished_run_state
 from inspection_refresh.storage import SYNC_STATE_FILE, ObjectStorage, SyncResult, require_complete
 from inspection_refresh.tasks.common import NothingToDo, cap_list, read_json, unpin_hint
+from inspection_refresh.tasks.live_progress import run_reporter
 from inspection_refresh.tasks.patchcore.build import build_environment
 from inspection_refresh.tasks.patchcore.run import (
     DEPLOY_TYPE, INVENTORY, PatchcoreRun, allowed_scripts, db_configured,
@@ -77,8 +79,7 @@ def _list_products(run: PatchcoreRun) -> list[dict[str, Any]]:
         wanted = set(run.products)
         unknown = wanted - {p.product_code for p in products} - {str(p.product_id) for p in products}
         if unknown:
-            raise PermanentError(f"unknown or inactive products requested: {sorted(unknown)}; "
-                                 f"known: {[p.product_code for p in products]}")
+            raise PermanentError(unknown_products_message(sorted(unknown), products, source))
         products = [p for p in products if p.product_code in wanted or str(p.product_id) in wanted]
     pinned = _pinned_products(run, products) if run.scheduled else {}
     products = [p for p in products if p.product_code not in pinned]
@@ -90,6 +91,14 @@ def _list_products(run: PatchcoreRun) -> list[dict[str, Any]]:
     log.info("Building %d PatchCore banks (products from the %s): %s", len(chosen), source,
              ", ".join(p["product_code"] for p in chosen))
     return chosen
+
+
+def unknown_products_message(unknown: list[str], products: list[Product], source: str) -> str:
+    """One line for a run asked to build products that do not exist or are inactive: which, and the known ones."""
+    known = ", ".join(f"{p.product_code} ({p.product_id})" for p in products) or "none"
+    return (f"unknown or inactive product code{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}. "
+            f"Active products (code and id, from the {source}): {known}. Trigger again with some of these, "
+            "or with products empty for all")
 
 
 def _mapped_product(product: Product, products: list[Product]) -> dict[str, Any]:
@@ -181,16 +190,21 @@ def prepare_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, str
         storage = compose.object_storage(run.settings.storage_conn_id, max_transfers=run.settings.patchcore_transfers)
         cache = run.mirror_dir(code)
         prefix = f"{NORMAL_PREFIX}{product_id}/"
-        normal = storage.sync_prefix(prefix, cache / "ok", accept=reject_reason)
-        if not normal.files and not normal.failed:
-            raise PermanentError(f"product {code}: no normal images under s3://{storage.bucket}/{prefix} "
-                                 f"({len(normal.skipped)} other objects); upload some before building its bank")
-        # Labelled defects (images/defect/{product_id}_{defect_type_id}/) only score the held-out AUROC.
-        defects = storage.sync_prefix(f"{DEFECT_PREFIX}{product_id}_", cache / "defects", accept=reject_reason)
+        # The download figures also go to the Deployments page (the run's row, when there is a database).
+        with reporting_progress(run_reporter(run, f"prepare {code}") if db_configured(run.settings.db_conn_id)
+                                else None):
+            normal = storage.sync_prefix(prefix, cache / "ok", accept=reject_reason)
+            if not normal.files and not normal.failed:
+                raise PermanentError(f"product {code}: no normal images under s3://{storage.bucket}/{prefix} "
+                                     f"({len(normal.skipped)} other objects); upload some before building its bank")
+            # Labelled defects (images/defect/{product_id}_{defect_type_id}/) only score the held-out AUROC.
+            defects = storage.sync_prefix(f"{DEFECT_PREFIX}{product_id}_", cache / "defects", accept=reject_reason)
         require_complete(normal, defects)
         unchanged = _unchanged_live_bank(run, code, cache / "ok")
         if unchanged:  # an identical bank would only push distinct older versions out of the kept ones
             stage.facts = {"images": len(normal.files), "unchanged": unchanged}
+            log.info("%s: unchanged since version %s (same %d normal images and settings); nothing to build",
+                     code, unchanged, len(normal.files))
             raise NothingToDo(f"product {code}: unchanged, version {unchanged} stays live (the same "
                               f"{len(normal.files)} normal images and settings as its build)")
         # Exactly these versions of the images, for a build or publish on another worker.

@@ -7,15 +7,18 @@ import hashlib
 import json
 import logging
 import shutil
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from inspection_refresh import quality_gate
 from inspection_refresh.files import copy_tree_linked, tree_files
+from inspection_refresh.progress import counted
 from inspection_refresh.publish import new_version_id
 from inspection_refresh.runstore import RunFileMissing, RunStore
 from inspection_refresh.runtime import refuse_publishing_if_run_ended
 from inspection_refresh.storage import SYNC_STATE_FILE
-from inspection_refresh.tasks import approval
+from inspection_refresh.tasks import approval, gating
 from inspection_refresh.tasks.common import read_json
 from inspection_refresh.tasks.patchcore.build import last_error_line, materialise, parse_build_summary, read_build_log
 from inspection_refresh.tasks.patchcore.run import BANK_DIR, INVENTORY, PatchcoreRun, stage_record
@@ -60,6 +63,7 @@ def publish_product(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, Any
         prepared = store.read_json("stage-download.json")["facts"]
         # Not approved: NothingToDo (the task is skipped); register discards the staged bank.
         approval.require_approved(run.store, f"the bank of {code}")
+        gating.require_not_blocked(run.store, code, f"the bank of {code}")
         version = bank_version(store, choose=True)
         release = run.publisher.published(code, version)  # a retry of a try that went live, then failed
         if release is not None:
@@ -155,11 +159,13 @@ def approval_request(run: PatchcoreRun) -> approval.ApprovalRequest | None:
         listed = run.store.read_json("products.json")
     except RunFileMissing:
         return None
-    built, unchanged, failed, targets = {}, {}, {}, {}
+    built, unchanged, failed, targets, blocked = {}, {}, {}, {}, {}
     for product in listed["products"]:
         code = product["product_code"]
         state, detail = _awaiting_publish(run, product)
-        if state == "unchanged":
+        if state == "built" and gating.blocked_reason(run.store, code):
+            blocked[code] = gating.blocked_reason(run.store, code)
+        elif state == "unchanged":
             unchanged[code] = detail
         elif state == "failed":
             failed[code] = detail
@@ -188,6 +194,9 @@ def approval_request(run: PatchcoreRun) -> approval.ApprovalRequest | None:
     if failed:
         lines += ["", f"**Failed ({len(failed)})** — not published whatever the answer; each keeps its live bank:"]
         lines += [f"- {code} at {detail}" for code, detail in failed.items()]
+    if blocked:
+        lines += ["", f"**Blocked by the quality gate ({len(blocked)})** — not published whatever the answer; "
+                      "each keeps its live bank: " + ", ".join(blocked)]
     if unchanged:
         lines += ["", "Unchanged (nothing to publish): " + ", ".join(f"{c} (version {v})" for c, v in unchanged.items())]
     if listed.get("pinned"):
@@ -199,9 +208,58 @@ def approval_request(run: PatchcoreRun) -> approval.ApprovalRequest | None:
     lines += ["", "Approving names each bank by the sha256 of its files ("
               + ", ".join(f"{code} `{named['sha256'][:16]}…`" for code, named in targets.items())
               + "): publish refuses any other (e.g. one rebuilt by clearing build)."]
-    summary = {"products": built, "failed": failed, "unchanged": unchanged, "pinned": sorted(listed.get("pinned", {})),
+    summary = {"products": built, "failed": failed, "blocked": blocked, "unchanged": unchanged,
+               "pinned": sorted(listed.get("pinned", {})),
                "settings": {"coreset": run.coreset, "shorter": run.shorter, "stride": run.stride,
                             "layers": list(run.layers), "weights": run.weights}}
     subject = (f"Publish PatchCore banks of {', '.join(built)}"
                + (f" ({len(failed)} other product(s) failed)" if failed else ""))
     return approval.ApprovalRequest(subject=subject, body="\n".join(lines), summary=summary, targets=targets)
+
+
+def _bank_quality(bank: RunStore) -> dict[str, Any] | None:
+    """The builder's ``quality.json`` beside a built bank (``None`` from a builder that writes none)."""
+    try:
+        return bank.read_json("quality.json")
+    except (OSError, ValueError):  # RunFileMissing is an OSError
+        return None
+
+
+def quality_check(run: PatchcoreRun, mode: str) -> quality_gate.GateDecision | None:
+    """The gate's decision on every built bank (``None`` when none was built): the normal images its
+    builder scored above tau out of sample, and its held-out AUROC and tau against the live bank's."""
+    try:
+        listed = run.store.read_json("products.json")
+    except RunFileMissing:
+        return None
+    findings, checked = [], []
+    for product in listed["products"]:
+        code = product["product_code"]
+        if _awaiting_publish(run, product)[0] != "built":
+            continue
+        bank = _built_bank(run, code, stage_record(run, code, "download"))
+        checked.append(code)
+        live = _bank_numbers(run.publisher.live_path(code)) if run.publisher.current(code) else None
+        margins = gating.margins(run.settings)
+        findings += quality_gate.suspected_defects(code, _bank_quality(bank), margins)
+        findings += quality_gate.bank_regressions(code, live, _bank_numbers(bank), margins)
+    return quality_gate.decide(mode, findings, checked=checked) if checked else None
+
+
+def nothing_to_approve(run: PatchcoreRun) -> str | None:
+    """Why the run's ``approve`` step has nothing to approve (it is then skipped, with this reason), or ``None``
+    when some bank was built: the run chose no product (``list_products`` failed), or no product's build
+    produced a bank (each unchanged or failed)."""
+    try:
+        listed = run.store.read_json("products.json")
+    except RunFileMissing:
+        try:
+            reason = run.store.read_json("stage-list_products.json")["message"]
+        except (RunFileMissing, KeyError):
+            reason = ""
+        return f"no product was chosen ({reason or 'list_products did not finish'})"
+    states = Counter(_awaiting_publish(run, product)[0] for product in listed["products"])
+    if states["built"]:
+        return None
+    counts = [counted(states[state], "product") + f" {state}" for state in ("unchanged", "failed") if states[state]]
+    return f"no bank was built ({', '.join(counts) or 'no product to build'})"

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from inspection_refresh import compose
+from inspection_refresh.progress import counted
 from inspection_refresh.publish import describe_pin
-from inspection_refresh.tasks import approval
-from inspection_refresh.tasks.common import live_version, lost_race, recorded_outcome
+from inspection_refresh.tasks import approval, gating
+from inspection_refresh.tasks.common import cap_list, live_version, lost_race, recorded_outcome
 from inspection_refresh.tasks.patchcore.build import last_error_line, parse_build_summary, read_build_log
 from inspection_refresh.tasks.patchcore.publishing import bank_version
 from inspection_refresh.tasks.patchcore.run import (
@@ -38,8 +39,12 @@ def _product_outcome(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, An
     if not records["download"] or records["download"]["status"] != "ok":
         reason = records["download"]["message"] if records["download"] else "download did not run"
         return {**outcome, "status": "failed", "stage": "download", "error": reason}
-    blocked = approval.blocked_message(approval.read_decision(run.store))
     built = summary.get("status") == "completed"
+    gate_blocked = gating.blocked_reason(run.store, code)
+    if gate_blocked and built and (not records["publish"] or records["publish"]["status"] == "skipped"):
+        return {**outcome, "status": "failed", "stage": "quality_gate", "error": gate_blocked, "gate_blocked": True,
+                **{k: summary.get(k) for k in ("bank_size", "feature_dim", "tau", "auroc")}}
+    blocked = approval.blocked_message(approval.read_decision(run.store))
     if blocked and built and (not records["publish"] or records["publish"]["status"] == "skipped"):
         return {**outcome, "status": "failed", "stage": "approve", "error": blocked, "not_approved": True,
                 **{k: summary.get(k) for k in ("bank_size", "feature_dim", "tau", "auroc")}}
@@ -63,6 +68,14 @@ def _product_outcome(run: PatchcoreRun, product: dict[str, Any]) -> dict[str, An
     else:
         error = summary.get("error") or last_error_line(log_text)
     return {**outcome, "status": "failed", "stage": "build", "error": error}
+
+
+def _suspects(summary: dict[str, Any]) -> dict[str, Any]:
+    """The build's suspected defects (normal images above tau out of sample) for a product's result."""
+    if "suspected_defects" not in summary:
+        return {}
+    suspects = summary.get("suspected_defects") or []
+    return {"suspected_defects": cap_list(suspects, 20), "num_suspected_defects": len(suspects)}
 
 
 def _discard_staging(run: PatchcoreRun, code: str) -> None:
@@ -91,6 +104,8 @@ def register(run: PatchcoreRun) -> dict[str, Any]:
             return recorded
     listed = listed if listed is not None else {"products": [], "history": True}
     results = {p["product_code"]: _product_outcome(run, p) for p in listed["products"]}
+    for code, result in results.items():  # what the build flagged, whatever the outcome
+        result.update(_suspects(parse_build_summary(read_build_log(run, code)) or {}))
     pinned = listed.get("pinned", {})
     failed = {code: r for code, r in results.items() if r["status"] not in ("published", "unchanged")}
     for code in (code for code, r in failed.items() if not r.get("bank_kept")):
@@ -117,17 +132,20 @@ def register(run: PatchcoreRun) -> dict[str, Any]:
                 + " Failed products keep their previous bank.")
     else:
         status = "completed"
-        parts = [f"{len(published)} PatchCore banks published: " + ", ".join(
+        unchanged = [code for code, r in results.items() if r["status"] == "unchanged"]
+        parts = [f"{counted(len(published), 'PatchCore bank')} published: " + ", ".join(
             f"{code} ({results[code]['bank_size']}x{results[code]['feature_dim']})" for code in published)
-        ] if published else []
-        parts += [f"{code} unchanged, version {r['version']} stays live"
-                  for code, r in results.items() if r["status"] == "unchanged"]
+        ] if published else [f"{counted(len(unchanged), 'product')} unchanged, nothing published"] if unchanged else []
+        parts += [f"{code} unchanged, version {results[code]['version']} stays live" for code in unchanged]
         text = "; ".join(parts) or "No bank was built"
     if pinned:
         text += ". Left out (pinned): " + "; ".join(f"{code} {describe_pin(pin)}" for code, pin in pinned.items())
-    if run.weights == "random":
-        text += " — RANDOM backbone weights (demo/test only)"
-    result_data = {"products": results, "pinned": pinned,
+    text = gating.with_note(text, gating.flagged_note(
+        store, [code for code, r in results.items() if not r.get("gate_blocked")]))
+    if run.weights == "random" and any(r["status"] == "published" or r.get("not_approved") or r.get("bank_kept")
+                                       or r.get("gate_blocked") for r in results.values()):
+        text += " — RANDOM backbone weights (demo/test only)"  # about banks that were built, not the settings
+    result_data = {"products": results, "pinned": pinned, "quality_gate": gating.gate_facts(store),
                    "approval": approval.decision_facts(approval.read_decision(store)), "settings": {
         "coreset": run.coreset, "shorter": run.shorter, "stride": run.stride, "layers": list(run.layers),
         "weights": run.weights, "script": str(run.script or BUNDLED_SCRIPT)}}

@@ -29,6 +29,9 @@ BUILD_LOG = "build.log"
 BANK_DIR = "bank"
 """Per product: the bank the build wrote (its ``OUT_DIR``), as the run store keeps it (stored under this
 name with ``storage``; left in its staging directory with ``local``)."""
+PRODUCT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,49}$"
+"""What the ``products`` param accepts, each entry: a product code (``products.product_code``, VARCHAR(50), one
+that can name a directory) or a product id."""
 BUILD_DEFAULTS = BuildOptions()
 """The builder's defaults, which the DAG's params and a run start from."""
 
