@@ -54,21 +54,15 @@ QUALITY_GATE_MODES = ("off", "warn", "approve", "block")
 """:data:`inspection_refresh.quality_gate.MODES` (config stays a leaf; a unit test keeps them equal)."""
 
 
-def _quality_gate(value: str) -> str:
-    value = value.strip().lower()
-    if value not in QUALITY_GATE_MODES:
-        raise ValueError(f"INSPECTION_QUALITY_GATE is {value!r}; use one of {', '.join(QUALITY_GATE_MODES)}")
+def _one_of(name: str, choices: tuple[str, ...], default: str) -> str:
+    """``INSPECTION_<name>`` lower-cased, or ``ValueError`` naming the variable and its choices."""
+    value = _env(name, default).strip().lower()
+    if value not in choices:
+        raise ValueError(f"INSPECTION_{name} is {value!r}; use one of {', '.join(choices)}")
     return value
 
 
 PUBLISH_TARGETS = ("local", "channel", "both")
-
-
-def _publish_targets(value: str) -> str:
-    value = value.strip().lower()
-    if value not in PUBLISH_TARGETS:
-        raise ValueError(f"INSPECTION_PUBLISH_TARGETS is {value!r}; use one of {', '.join(PUBLISH_TARGETS)}")
-    return value
 
 
 def _email_recipients(smtp_conn_id: str | None) -> tuple[str, ...]:
@@ -186,6 +180,11 @@ class Settings:
     """Gate margin: a CLIP index with more than this share of the live one's images fewer
     (``INSPECTION_QUALITY_IMAGES_LOST``)."""
     quality_suspect_ratio: float = 1.05
+    quality_similarity_checks: str = "auto"
+    """CLIP's embedding-similarity checks (near-duplicates, product outliers; ``INSPECTION_QUALITY_SIMILARITY_CHECKS``):
+    ``auto`` runs them with real weights and skips them with random ones (demo/test weights place unrelated
+    images side by side, so every pair would look alike), ``on`` always, ``off`` never. Exact duplicates and
+    cross-gallery copies (file content) are always checked."""
     """Gate margin: a normal image scoring at least this multiple of tau out of sample flags its bank
     (``INSPECTION_QUALITY_SUSPECT_RATIO``); images between tau and this are reported, not flagged."""
 
@@ -232,16 +231,17 @@ class Settings:
             mirror_transfers=min(max_transfers, max(1, int(_env("MIRROR_TRANSFERS", "4")))),
             patchcore_feature_cache_gb=max(0.0, float(_env("PATCHCORE_FEATURE_CACHE_GB", "4"))),
             heavy_pod_gpus=_positive_or_none("HEAVY_POD_GPUS"),
-            publish_targets=_publish_targets(_env("PUBLISH_TARGETS", "local")),
+            publish_targets=_one_of("PUBLISH_TARGETS", PUBLISH_TARGETS, "local"),
             channel_prefix=_env("CHANNEL_PREFIX", "deployments/"),
             channel_conn_id=_env_optional("CHANNEL_CONN_ID", None),
             channel_bucket=_env_optional("CHANNEL_BUCKET", None),
             signing_conn_id=_env_optional("SIGNING_CONN_ID", None),
-            quality_gate=_quality_gate(_env("QUALITY_GATE", "approve")),
+            quality_gate=_one_of("QUALITY_GATE", QUALITY_GATE_MODES, "approve"),
             quality_auroc_drop=float(_env("QUALITY_AUROC_DROP", "0.05")),
             quality_tau_factor=float(_env("QUALITY_TAU_FACTOR", "2.0")),
             quality_images_lost=float(_env("QUALITY_IMAGES_LOST", "0.20")),
             quality_suspect_ratio=float(_env("QUALITY_SUSPECT_RATIO", "1.05")),
+            quality_similarity_checks=_one_of("QUALITY_SIMILARITY_CHECKS", ("auto", "on", "off"), "auto"),
         )
 
 

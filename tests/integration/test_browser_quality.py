@@ -4,7 +4,7 @@ list what was flagged.
 The same harness as ``test_browser.py`` (its module fixtures, so an Airflow of this module's own: the real
 ``scripts/airflow-ui.sh`` with sign-in required, the session's S3 server and MariaDB, headless Chromium). A small
 gallery of its own (product 91, under a prefix the demo does not use) holds a byte-identical duplicate and a
-re-encoded near-duplicate; ``clip_index_normal`` runs with ``quality_gate=approve`` and ``require_approval`` off,
+re-encoded near-duplicate (not listed: with random weights the embedding checks are skipped); ``clip_index_normal`` runs with ``quality_gate=approve`` and ``require_approval`` off,
 so only the gate makes it ask. In the browser: the approve task's Required actions page shows the gate's section
 naming the duplicate, Approve is pressed there, and once the run has published, Browse -> Deployments shows the
 CLIP normal card's "Flagged by the quality checks" list.
@@ -70,5 +70,7 @@ def test_the_approval_request_and_the_console_card_list_what_was_flagged(airflow
         flagged = card.locator("section.flagged")
         expect(flagged).to_contain_text("Flagged by the quality checks")
         expect(flagged.locator('li[data-check="exact_duplicates"]')).to_contain_text(DUPLICATE)
-        expect(flagged.locator('li[data-check="near_duplicates"]')).to_contain_text(NEAR_DUPLICATE)
+        # Random demo weights: the embedding checks are skipped (INSPECTION_QUALITY_SIMILARITY_CHECKS=auto), so the
+        # re-encode is not listed as a near-duplicate here (test_quality_gates.py forces them on).
+        expect(flagged.locator('li[data-check="near_duplicates"]')).to_have_count(0)
         ui.screenshot("quality-gate-console-card")

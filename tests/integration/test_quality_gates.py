@@ -105,7 +105,9 @@ NEAR_DUPLICATE = "images/normal/1/BRKT01_OK_102.jpg"
 
 @pytest.fixture
 def clip(s3_server, mysql_database, airflow_db, clip_checkpoint, sql, tmp_path, monkeypatch):
-    """A fresh bucket, index root and cache; products 1 and 2 in the products table."""
+    """A fresh bucket, index root and cache; products 1 and 2 in the products table. The embedding checks are
+    forced on: with the random test weights ``auto`` skips them (every pair would look alike)."""
+    monkeypatch.setenv("INSPECTION_QUALITY_SIMILARITY_CHECKS", "on")
     return clip_dag_env("gatec", clip_checkpoint, sql, tmp_path, monkeypatch)
 
 

@@ -96,11 +96,13 @@ class GalleryReport:
 def check_gallery(embeddings: np.ndarray, files: Sequence[str], sha256s: Sequence[str],
                   products: Sequence[str | None], other_gallery: Mapping[str, str] | None = None, *,
                   near_duplicate_cosine: float = NEAR_DUPLICATE_COSINE,
-                  outlier_neighbours: int = OUTLIER_NEIGHBOURS) -> GalleryReport:
+                  outlier_neighbours: int = OUTLIER_NEIGHBOURS, by_similarity: bool = True) -> GalleryReport:
     """Check one gallery: ``embeddings[i]`` (``[n, d]``, L2-normalised) is ``files[i]`` with ``sha256s[i]``
     of ``products[i]`` (``None``: unknown).
 
     other_gallery: sha256 -> file of the other gallery (normal <-> defect).
+    by_similarity: also look for near-duplicates and product outliers (the embedding checks); off, only
+    file content is compared (for embeddings that mean nothing, e.g. random demo weights).
     Raises ``ValueError`` naming the argument when the lengths disagree.
     """
     vectors = np.asarray(embeddings, dtype=np.float32)
@@ -122,7 +124,8 @@ def check_gallery(embeddings: np.ndarray, files: Sequence[str], sha256s: Sequenc
     in_both = sorted((files[i], other[sha]) for i, sha in enumerate(sha256s) if sha in other)
     sha_ids = np.unique(np.asarray(sha256s, dtype=object), return_inverse=True)[1] if count else np.zeros(0, int)
 
-    near, outliers = _scan(vectors, sha_ids, list(products), near_duplicate_cosine, outlier_neighbours)
+    near, outliers = (_scan(vectors, sha_ids, list(products), near_duplicate_cosine, outlier_neighbours)
+                      if by_similarity else ([], []))
     near_pairs = sorted(((min(files[i], files[j]), max(files[i], files[j]), cosine) for i, j, cosine in near),
                         key=lambda pair: (-pair[2], pair[0], pair[1]))
     return GalleryReport(groups, near_pairs, in_both,

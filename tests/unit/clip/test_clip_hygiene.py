@@ -122,6 +122,10 @@ def test_product_outliers_need_a_majority_of_one_other_product_and_two_large_pro
     assert ("A2.jpg", "B", "A") in report.product_outliers
     assert all(entry[1] != "C" for entry in report.product_outliers)  # C (2 images) is never checked
     assert check_gallery(embeddings, files, shas, products).product_outliers == []
+    # Without the embedding checks (random demo weights) only file content is compared.
+    content_only = check_gallery(embeddings, files, shas, misfiled, {"sha0": "defect/x.jpg"}, by_similarity=False)
+    assert content_only.product_outliers == [] and content_only.near_duplicates == []
+    assert content_only.in_both_galleries == [("A0.jpg", "defect/x.jpg")]
     # Only one product with >= OUTLIER_NEIGHBOURS + 1 images: nothing to compare with, nothing reported.
     small = check_gallery(embeddings, files, shas, ["A"] * 8 + ["B"] * 3 + [None] * 7)
     assert small.product_outliers == []

@@ -59,20 +59,38 @@ def gallery_hygiene(run: ClipRun, vectors: Any, keys: Sequence[str], paths: Sequ
     A check that fails is recorded as ``error`` (the gate flags it) rather than failing the build."""
     sha256s = [file_sha256(path) for path in paths]
     named = dict(zip(keys, sha256s))
+    similarity, skipped = similarity_checks(run)
     try:
         from inspection_refresh.clip.hygiene import check_gallery
 
         other = other_gallery(run)
-        report = check_gallery(vectors, list(keys), sha256s, list(products), other_gallery=other)
+        report = check_gallery(vectors, list(keys), sha256s, list(products), other_gallery=other,
+                               by_similarity=similarity)
     except Exception as exc:  # a broken check must not pass unseen, nor stop a build
         log.warning("The %s gallery's hygiene check failed: %s: %s", run.index_type, type(exc).__name__, exc)
         return {"error": f"{type(exc).__name__}: {exc}"}, named
     lists = {check: [list(item) for item in getattr(report, check)[:LISTED]] for check in quality_gate.GALLERY_CHECKS}
     result = {"counts": dict(report.counts()), "summary": report.summary(), "lists": lists,
-              "compared_with_other_gallery": other is not None}
-    log.info("%s gallery hygiene: %s%s", run.index_type.capitalize(), report.summary(),
-             "" if other is not None else " (the other gallery's live index names no sha256s: not compared)")
+              "compared_with_other_gallery": other is not None, "similarity_checked": similarity}
+    if skipped:
+        result["similarity_skipped"] = skipped
+    log.info("%s gallery hygiene: %s%s%s", run.index_type.capitalize(), report.summary(),
+             "" if other is not None else " (the other gallery's live index names no sha256s: not compared)",
+             f" (near-duplicate and product-outlier checks skipped: {skipped})" if skipped else "")
     return result, named
+
+
+def similarity_checks(run: ClipRun) -> tuple[bool, str | None]:
+    """Whether the embedding checks run (``INSPECTION_QUALITY_SIMILARITY_CHECKS``), and why not when they don't."""
+    setting = run.settings.quality_similarity_checks
+    if setting == "off":
+        return False, "INSPECTION_QUALITY_SIMILARITY_CHECKS=off"
+    if setting == "auto":
+        from inspection_refresh.clip.weights import is_random_checkpoint
+
+        if is_random_checkpoint(run.pretrained):
+            return False, "random demo/test weights make unrelated images look alike"
+    return True, None
 
 
 def hygiene_findings(artefact: str, hygiene: Mapping[str, Any] | None) -> list[quality_gate.Finding]:
