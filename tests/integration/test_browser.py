@@ -52,6 +52,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import requests
 from inspection_refresh import compose
 
 from tests.conftest import SESSION_DIR
@@ -214,6 +215,7 @@ def test_trigger_with_defaults_starts_a_run(airflow_ui, ui, dag_id):
 CLIP_DAG = "clip_index_normal"
 CLIP_LABEL = "clip:normal"
 ROLLBACK_DAG = "deployment_rollback"
+PATCHCORE_DAG = "patchcore_memory_bank"
 RUN_TIMEOUT = 600.0
 """The demo CLIP run (360 images embedded on CPU), while phase A's PatchCore run holds a core: 2-4 min."""
 CONSOLE: dict[str, str] = {}
@@ -467,6 +469,54 @@ def test_after_the_rollback_the_older_version_is_live_and_pinned(airflow_ui, ui)
         ui.screenshot("deployments-history-rollback-row")
         ui.docs_screenshot("deployments-history")
     print(f"after the rollback: {CLIP_LABEL} live {old} ({COUNTS[old]} images), pinned by {pin['pinned_by']}")
+
+
+def test_an_unchanged_run_leaves_the_card_naming_the_run_that_made_the_version_live(airflow_ui, ui):
+    """A manual CLIP run over the images of the live (rolled-back) version publishes nothing: the card still
+    says the rollback made the version live, at the same time, and History says the run changed nothing."""
+    from playwright.sync_api import expect
+
+    old, run_id = _needs("old", "rollback_run")
+    ui.open_deployments()
+    since = _card(ui).locator(".live-since").inner_text()
+    unchanged = airflow_ui.trigger(CLIP_DAG, note="browser test: nothing new in the bucket")
+    airflow_ui.wait_for_run_state(CLIP_DAG, unchanged, {"success"}, timeout=RUN_TIMEOUT)
+    assert _index_publisher(airflow_ui).current("normal") == old
+    with ui.step("deployments-after-unchanged-run"):
+        ui.open_deployments()
+        card = _card(ui)
+        expect(card.locator("header .badge.live")).to_have_text(f"live {old}")
+        expect(card.locator(".live-since a.run-link")).to_have_text(f"{ROLLBACK_DAG} run {run_id}")
+        expect(card.locator(".live-since")).to_have_text(since)
+        expect(card).not_to_contain_text(unchanged)
+        ui.console_nav("History")
+        newest = ui.console.locator("details.history-row").first
+        expect(newest.locator(":scope > summary .what")).to_contain_text("unchanged")
+        ui.screenshot("deployments-after-unchanged-run")
+
+
+def test_a_product_code_that_is_no_product_is_refused_or_fails_in_one_line(airflow_ui, ui):
+    """A malformed product code never starts a run (the form's pattern, checked by the trigger API too); a
+    well-formed code of no active product fails list_products at once, and the run's page shows one line
+    naming it and the active products."""
+    from playwright.sync_api import expect
+
+    refused = requests.post(f"{airflow_ui.api_url}/api/v2/dags/{PATCHCORE_DAG}/dagRuns", timeout=60,
+                            headers={"Authorization": f"Bearer {airflow_ui.token()}"},
+                            json={"logical_date": None, "conf": {"products": ["TEX 01"]}})
+    assert refused.status_code == 400 and "TEX 01" in refused.text, (refused.status_code, refused.text[:300])
+    run_id = airflow_ui.trigger(PATCHCORE_DAG, {"products": ["NOPE99"]})
+    airflow_ui.set_paused(PATCHCORE_DAG, False)
+    wait_until(lambda: airflow_ui.dag_run(PATCHCORE_DAG, run_id)["state"] in ("failed", "success"), RUN_TIMEOUT * 1.5,
+               f"{PATCHCORE_DAG} run {run_id} with an unknown product code to end")
+    run = airflow_ui.dag_run(PATCHCORE_DAG, run_id)
+    assert run["state"] == "failed", run
+    note = wait_until(lambda: airflow_ui.dag_run(PATCHCORE_DAG, run_id).get("note"), 60, "the run's note")
+    assert "unknown or inactive product code NOPE99" in note and "\n" not in note and "Traceback" not in note, note
+    with ui.step("unknown-product-code-run"):
+        ui.page.goto(f"{airflow_ui.base_url}/dags/{PATCHCORE_DAG}/runs/{run_id}")
+        expect(ui.page.get_by_text("unknown or inactive product code NOPE99").first).to_be_visible(timeout=30_000)
+        ui.screenshot("unknown-product-code-run")
 
 
 def test_with_the_rollback_dag_paused_the_page_says_what_to_do_and_triggers_nothing(airflow_ui, ui):

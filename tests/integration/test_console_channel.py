@@ -45,6 +45,10 @@ def celery_layout(storage, s3_server, tmp_path, monkeypatch, registry):
     monkeypatch.delenv("INSPECTION_CHANNEL_CONN_ID", raising=False)
     monkeypatch.delenv("INSPECTION_INDEX_RELEASES", raising=False)
     monkeypatch.delenv("INSPECTION_PATCHCORE_RELEASES", raising=False)
+    # An earlier dag.test() in this process leaves AIRFLOW_CTX_* set, which the channel records as the
+    # publishing run: these publishes are this fixture's own, named by its rows only.
+    for variable in ("AIRFLOW_CTX_DAG_ID", "AIRFLOW_CTX_DAG_RUN_ID"):
+        monkeypatch.delenv(variable, raising=False)
     use_roots(monkeypatch, tmp_path / "worker")
     worker = get_settings()
     index, banks = compose.index_publisher(worker), compose.patchcore_publisher(worker)

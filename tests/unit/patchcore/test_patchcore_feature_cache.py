@@ -54,6 +54,7 @@ def test_a_rebuild_from_the_cache_equals_a_build_from_scratch(product_dirs, tmp_
     cache = str(tmp_path / "cache")
     scratch = build(ok, tmp_path / "scratch", fast, defect)
     cold = build(ok, tmp_path / "cold", fast, defect, feature_cache=cache)
+    caplog.clear()  # the builds above may have been captured too (another test may have set the logger's level)
     with caplog.at_level(logging.INFO, logger="inspection_refresh.patchcore.build"):
         warm = build(ok, tmp_path / "warm", fast, defect, feature_cache=cache)
 
