@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from inspection_refresh.manifests import file_sha256
+
 log = logging.getLogger("inspection_refresh.patchcore.build")  # the builder's log lines, as product.py
 
 CACHE_SUBDIR = "patchcore_features"
@@ -100,12 +102,6 @@ def for_build(options: Any, weights: dict[str, Any], feature_dim: int, device: s
         weights_sha256=weights["sha256"], layers=options.layers, shorter=options.shorter, stride=options.stride,
         device=device, extractor_version=EXTRACTOR_VERSION, decoder=DECODER, resize_method=RESIZE_METHOD)
     return FeatureCache(options.feature_cache, fingerprint, feature_dim, int(options.feature_cache_gb * GB))
-
-
-def file_key(path: Path) -> str:
-    """sha256 of the file's bytes (the cache key of an image)."""
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 class FeatureCache:
@@ -193,7 +189,7 @@ class FeatureCache:
         keys: dict[Path, str] = {}
         for info in images:
             try:
-                keys[info.path] = file_key(info.path)
+                keys[info.path] = file_sha256(info.path)  # the cache key of an image
             except OSError:  # unreadable: the extractor logs it by name and skips it
                 pass
         self.keys.update(keys)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from inspection_refresh.patchcore.coreset_memory import TAU_RELATIVE_TOLERANCE
-from inspection_refresh.patchcore.feature_cache import file_key
+from inspection_refresh.manifests import file_sha256 as file_key
 
 from .test_patchcore_feature_cache import EXACT, bank, build, entries
 

@@ -10,7 +10,6 @@ in the ``index_save`` stage record (for the gate, the approval request and the d
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from inspection_refresh import quality_gate
+from inspection_refresh.manifests import file_sha256
 from inspection_refresh.publish import PublishError
 from inspection_refresh.tasks.clip_index.run import INDEX_TYPES, ClipRun, published_manifest
 from inspection_refresh.tasks.gating import margins
@@ -27,14 +27,6 @@ log = logging.getLogger(__package__)  # the pipeline's one logger, named as befo
 HYGIENE_CHECK = "gallery_hygiene"
 LISTED = 50
 """Items kept per hygiene list in the stage record and the manifest (counts stay exact)."""
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def other_gallery(run: ClipRun) -> dict[str, str] | None:
